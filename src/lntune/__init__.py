@@ -1,0 +1,47 @@
+"""lntune: LayerNorm tuning for PyTorch and Hugging Face Transformers, with PEFT's API and files.
+
+>>> from lntune import get_peft_model, LNTuningConfig, TaskType
+>>> model = get_peft_model(base_model, LNTuningConfig(task_type=TaskType.CAUSAL_LM))
+"""
+
+from lntune.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
+from lntune.config import LNTuningConfig, PeftType, TaskType
+from lntune.layer import LNTuningLayer
+from lntune.model import LNTuningModel
+from lntune.modules_to_save import ModulesToSaveWrapper
+from lntune.peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+from lntune.targets import TARGET_MODULES_BY_MODEL_TYPE, detect_norm_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TARGET_MODULES_BY_MODEL_TYPE",
+    "LNTuningConfig",
+    "LNTuningLayer",
+    "LNTuningModel",
+    "ModulesToSaveWrapper",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "detect_norm_layers",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
+]

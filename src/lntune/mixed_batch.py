@@ -1,0 +1,164 @@
+"""Mixed-adapter batches: every sample of one forward runs through its own adapter.
+
+Norm layers (``nn.LayerNorm``, ``nn.RMSNorm`` and element-wise-affine norms such as ``LlamaRMSNorm``)
+normalise the whole batch once and apply each sample's own weight and bias, gathered from a stack of
+the adapters' parameters. Any other module runs once per adapter on its group of samples. Both paths
+are differentiable, so a mixed batch trains every adapter it names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from lntune.layer import LNTuningLayer
+
+BASE_ADAPTER_NAME = "__base__"
+
+
+@dataclass
+class BatchAdapters:
+    """The adapter of each sample: ``names`` (unique, first-seen order) and ``index[i]`` into them."""
+
+    names: list[str]
+    index: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_names(cls, adapter_names: Sequence[str]) -> BatchAdapters:
+        names = list(dict.fromkeys(adapter_names))
+        position = {name: i for i, name in enumerate(names)}
+        return cls(names, torch.tensor([position[n] for n in adapter_names], dtype=torch.long))
+
+    def index_for(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row adapter index for ``x``; rows may be repeated per sample (beams, returned sequences)."""
+        rows, samples = x.shape[0], self.index.numel()
+        key = (x.device, rows)
+        if key not in self._cache:
+            if rows % samples:
+                raise ValueError(
+                    f"adapter_names has {samples} entries, but a tuned module received a batch of {rows} "
+                    "rows; pass one adapter name per sample (dimension 0 of the inputs)."
+                )
+            self._cache[key] = self.index.repeat_interleave(rows // samples).to(x.device)
+        return self._cache[key]
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError("A mixed-adapter batch needs a tensor input to find the batch dimension.")
+
+
+def mixed_forward(layer: LNTuningLayer, batch: BatchAdapters, *args, **kwargs):
+    """Forward of ``layer`` with one adapter per sample (see the module docstring)."""
+    x = _first_tensor(args, kwargs)
+    index = batch.index_for(x)
+    modules = [layer.original_module if n == BASE_ADAPTER_NAME else layer.module_for(n) for n in batch.names]
+    if len({id(m) for m in modules}) == 1:
+        return layer.call_in_compute_dtype(modules[0], *args, **kwargs)
+    out = _affine_forward(layer, modules, index, x, args, kwargs)
+    if out is not None:
+        return out
+    return grouped_forward(layer.call_in_compute_dtype, modules, index, args, kwargs)
+
+
+def _stacked(modules: list[nn.Module], name: str, index: torch.Tensor, dtype, shape) -> torch.Tensor | None:
+    params = [getattr(m, name) for m in modules]
+    if params[0] is None:
+        return None
+    stacked = torch.stack([p.to(dtype) for p in params])[index]
+    return stacked.view(*shape)
+
+
+def _affine_forward(layer: LNTuningLayer, modules, index, x, args, kwargs) -> torch.Tensor | None:
+    """Normalise once, then apply per-sample parameters; ``None`` where that does not apply."""
+    ref = layer.original_module
+    dtype = layer.compute_dtype
+    if type(ref) in (nn.LayerNorm, nn.RMSNorm) and len(args) == 1 and not kwargs:
+        dims = tuple(ref.normalized_shape)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1 - len(dims)) + dims
+        weight = _stacked(modules, "weight", index, dtype, shape)
+        if type(ref) is nn.LayerNorm:
+            out = F.layer_norm(x, dims, None, None, ref.eps)
+            bias = _stacked(modules, "bias", index, dtype, shape)
+        else:
+            out = F.rms_norm(x, dims, None, ref.eps)
+            bias = None
+        if weight is not None:
+            out = out * weight
+        return out if bias is None else out + bias
+    if not _elementwise_affine(ref, x):
+        return None
+    if getattr(layer, "_broadcast_verified", None) is False:
+        return None
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    params = {name: _stacked(modules, name, index, dtype, shape) for name, _ in ref.named_parameters()}
+    try:
+        out = torch.func.functional_call(ref, params, args, kwargs)
+    except (RuntimeError, ValueError):
+        out = None
+    if getattr(layer, "_broadcast_verified", None) is None:
+        # First use on this layer: check the broadcast against the always-correct grouped path once.
+        grouped = grouped_forward(layer.call_in_compute_dtype, modules, index, args, kwargs)
+        ok = (
+            isinstance(out, torch.Tensor)
+            and out.shape == grouped.shape
+            and torch.allclose(out.float(), grouped.float(), rtol=1e-3, atol=1e-5)
+        )
+        object.__setattr__(layer, "_broadcast_verified", ok)
+        return grouped
+    return out
+
+
+def _elementwise_affine(module: nn.Module, x: torch.Tensor) -> bool:
+    """A leaf module whose parameters are all vectors over the last input dimension."""
+    if any(True for _ in module.children()):
+        return False
+    params = list(module.parameters())
+    return bool(params) and all(p.dim() == 1 and p.shape[0] == x.shape[-1] for p in params)
+
+
+def grouped_forward(run, modules: list[nn.Module], index: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """Run ``run(modules[k], ...)`` on the rows whose ``index`` is ``k`` and reassemble the batch.
+
+    Every tensor argument whose first dimension equals the batch's is split the same way; other
+    arguments are passed whole. Tensor outputs (alone or in a tuple/list) are put back in row order.
+    """
+    rows = index.numel()
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=len(modules)).tolist()
+
+    def split(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            return value.index_select(0, order).split(counts)
+        return None
+
+    split_args = [split(a) for a in args]
+    split_kwargs = {k: split(v) for k, v in kwargs.items()}
+    outputs = []
+    for k, count in enumerate(counts):
+        if count == 0:
+            continue
+        sub_args = [a if s is None else s[k] for a, s in zip(args, split_args)]
+        sub_kwargs = {key: v if split_kwargs[key] is None else split_kwargs[key][k] for key, v in kwargs.items()}
+        outputs.append(run(modules[k], *sub_args, **sub_kwargs))
+    inverse = torch.argsort(order)
+    return _reassemble(outputs, inverse)
+
+
+def _reassemble(outputs: list, inverse: torch.Tensor):
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs).index_select(0, inverse.to(first.device))
+    if isinstance(first, (tuple, list)):
+        parts = [_reassemble([o[i] for o in outputs], inverse) for i in range(len(first))]
+        return type(first)(parts)
+    return first

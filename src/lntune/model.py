@@ -1,0 +1,493 @@
+"""`LNTuningModel`: injects `LNTuningLayer`s into a model and manages its adapters."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lntune.config import LNTuningConfig
+from lntune.layer import LNTuningLayer
+from lntune.mixed_batch import BASE_ADAPTER_NAME, BatchAdapters
+from lntune.modules_to_save import ModulesToSaveWrapper
+from lntune.targets import (
+    TARGET_MODULES_BY_MODEL_TYPE,
+    closest_names,
+    compact_target_list,
+    detect_norm_layers,
+    name_matches,
+)
+
+logger = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+TunerModule = LNTuningLayer | ModulesToSaveWrapper
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    parent, _, child = name.rpartition(".")
+    return parent, child
+
+
+def _as_list(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+class LNTuningModel(nn.Module):
+    """The tuner: wraps the target modules of ``model`` in `LNTuningLayer`s, in place.
+
+    Args:
+        model: The model to adapt (modified in place).
+        config: An `LNTuningConfig`, or a dict ``{adapter_name: config}``.
+        adapter_name: Name of the first adapter.
+        autocast_adapter_dtype: Keep adapter copies in float32 when the model is in float16/bfloat16,
+            so that small updates are not rounded away (outputs keep the model's dtype).
+        low_cpu_mem_usage: Accepted for PEFT compatibility; copies are always materialised.
+
+    Example:
+        >>> tuner = LNTuningModel(model, LNTuningConfig(target_modules=["norm"]), "default")
+        >>> tuner.targeted_module_names
+        ['model.norm']
+    """
+
+    prefix = "ln_tuning_"
+    tuner_layer_cls = LNTuningLayer
+    target_module_mapping = TARGET_MODULES_BY_MODEL_TYPE
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LNTuningConfig | dict[str, LNTuningConfig],
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LNTuningConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.targeted_module_names: list[str] = []
+        if isinstance(config, dict):
+            config = config[adapter_name]
+        self.model.requires_grad_(False)
+        self.inject_adapter(self.model, adapter_name, config, autocast_adapter_dtype)
+
+    # ------------------------------------------------------------------------------ helpers
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not yet set (e.g. during unpickling)
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return _as_list(self.active_adapter)
+
+    def tuner_modules(self) -> Iterator[tuple[str, TunerModule]]:
+        """``(name, module)`` for every `LNTuningLayer` and `ModulesToSaveWrapper` in the model."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, (LNTuningLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    def _ln_layers(self) -> list[LNTuningLayer]:
+        return [m for _, m in self.tuner_modules() if isinstance(m, LNTuningLayer)]
+
+    def _candidate_modules(self) -> list[tuple[str, nn.Module]]:
+        """Modules that can be targeted: everything except the internals of our wrappers."""
+        out, skip = [], ()
+        for name, module in self.model.named_modules():
+            if not name or (skip and name.startswith(skip)):
+                continue
+            out.append((name, module))
+            if isinstance(module, (LNTuningLayer, ModulesToSaveWrapper)):
+                skip = (*skip, name + ".")
+        return out
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self._ln_layers())
+
+    # ---------------------------------------------------------------------------- targeting
+    def _prepare_adapter_config(self, config: LNTuningConfig, candidates: list[tuple[str, nn.Module]]) -> None:
+        """Fill ``config.target_modules`` when it is None: the model type's default, else norm detection."""
+        if config.target_modules is not None:
+            return
+        names = [name for name, _ in candidates]
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        default = self.target_module_mapping.get(model_type)
+        if default and any(name_matches(n, default) for n in names):
+            config.target_modules = list(default)
+            logger.info("lntune: default target_modules for model_type %r: %s", model_type, default)
+            return
+        detected = [n for n, m in candidates if not isinstance(m, ModulesToSaveWrapper)]
+        detected = [n for n in detect_norm_layers(self.model) if n in set(detected)]
+        if not detected:
+            raise ValueError(
+                f"Please specify `target_modules` in `peft_config`: model_type {model_type!r} has no "
+                "default and no normalization layer (LayerNorm, RMSNorm, GroupNorm, *Norm) was found in "
+                "the model."
+            )
+        config.target_modules = compact_target_list(self.model, detected)
+        warnings.warn(
+            f"lntune: no default target_modules for model_type {model_type!r}; tuning the {len(detected)} "
+            f"normalization layers found by type: target_modules={config.target_modules}. Pass "
+            "target_modules to choose others.",
+            stacklevel=3,
+        )
+
+    def _find_targets(
+        self, config: LNTuningConfig, candidates: list[tuple[str, nn.Module]]
+    ) -> tuple[list[str], list[str]]:
+        """Names to wrap as LN tuning layers and as modules_to_save; raises if nothing matches."""
+        save_names = [
+            n
+            for n, m in candidates
+            if config.modules_to_save and name_matches(n, config.modules_to_save) and not isinstance(m, LNTuningLayer)
+        ]
+        matched = [n for n, _ in candidates if name_matches(n, config.target_modules)]
+        # Never wrap a module inside another target or inside a module_to_save.
+        targets, inside = [], tuple(n + "." for n in save_names)
+        for name in matched:
+            excluded = name_matches(name, config.exclude_modules) or name in save_names
+            if excluded or (inside and name.startswith(inside)):
+                continue
+            targets.append(name)
+            inside = (*inside, name + ".")
+        if not targets:
+            all_names = [n for n, _ in candidates]
+            if not matched:
+                wanted = _as_list(config.target_modules)
+                raise ValueError(
+                    f"Target modules {config.target_modules} not found in the base model. Closest module "
+                    f"names: {closest_names(wanted, all_names)}. Please check the target modules and try "
+                    "again."
+                )
+            raise ValueError(
+                f"No modules were targeted for adaptation: all {len(matched)} modules matching "
+                f"target_modules={config.target_modules} are excluded by exclude_modules or listed in "
+                "modules_to_save."
+            )
+        if config.modules_to_save and not save_names:
+            raise ValueError(
+                f"modules_to_save={config.modules_to_save} matches no module of the model. Closest module "
+                f"names: {closest_names(config.modules_to_save, [n for n, _ in candidates])}."
+            )
+        return targets, save_names
+
+    # ---------------------------------------------------------------------------- injection
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        config: LNTuningConfig,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add ``adapter_name``: wrap (or extend) every target and modules_to_save entry.
+
+        All checks run before the model is changed, so a bad config leaves it untouched.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists; choose another name.")
+        if not isinstance(config, LNTuningConfig):
+            raise TypeError(f"Expected an LNTuningConfig, got {type(config).__name__}.")
+        if adapter_name == BASE_ADAPTER_NAME or not adapter_name or "." in adapter_name:
+            raise ValueError(
+                f"Invalid adapter name {adapter_name!r}: use a non-empty name without '.' other than "
+                f"'{BASE_ADAPTER_NAME}'."
+            )
+        candidates = self._candidate_modules()
+        self._prepare_adapter_config(config, candidates)
+        targets, save_names = self._find_targets(config, candidates)
+
+        self.peft_config[adapter_name] = config
+        modules = dict(candidates)
+        for name in targets:
+            parent_name, child = _split_name(name)
+            parent = model.get_submodule(parent_name)
+            self._create_and_replace(config, adapter_name, modules[name], child, parent, name)
+        for name in save_names:
+            module = modules[name]
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                parent_name, child = _split_name(name)
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                wrapper._active_adapter = self.active_adapters
+                setattr(model.get_submodule(parent_name), child, wrapper)
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        # The new adapter trains only if active and not in inference mode; other adapters keep their state.
+        trainable = adapter_name in self.active_adapters and not config.inference_mode
+        for _, module in self.tuner_modules():
+            module.set_requires_grad(adapter_name, trainable)
+        self.targeted_module_names = sorted(
+            {*self.targeted_module_names, *targets}, key=[n for n, _ in model.named_modules()].index
+        )
+
+    def _create_and_replace(
+        self,
+        peft_config: LNTuningConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        """Add the adapter to ``target``: extend an existing wrapper, or replace it by a new one."""
+        if isinstance(target, LNTuningLayer):
+            target.update_layer(adapter_name)
+            return
+        new_module = self._create_new_module(peft_config, adapter_name, target)
+        setattr(parent, target_name, new_module)
+
+    def _create_new_module(self, peft_config: LNTuningConfig, adapter_name: str, target: nn.Module) -> LNTuningLayer:
+        """A new `LNTuningLayer` around ``target``, following the model's active adapters."""
+        layer = self.tuner_layer_cls(target, adapter_name)
+        layer._active_adapter = self.active_adapters
+        layer.set_requires_grad(adapter_name, False)
+        layer._refresh()
+        return layer
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """With ``autocast_adapter_dtype``, keep the adapter's float16/bfloat16 copies in float32.
+
+        PEFT leaves LN copies in the model's dtype, where AdamW updates of ~1e-4 round away next to
+        weights of ~1.0. The copy's forward casts its parameters back to the model's dtype.
+        """
+        if not autocast_adapter_dtype:
+            return
+        for layer in self._ln_layers():
+            if adapter_name not in layer.ln_tuning_layers:
+                continue
+            module = layer.adapter_module(adapter_name)
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.dtype in _LOW_PRECISION:
+                    tensor.data = tensor.data.float()
+            layer._refresh()
+
+    # ----------------------------------------------------------------------------- adapters
+    def add_adapter(self, adapter_name: str, config: LNTuningConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Add a new, inactive adapter (a fresh copy of the original modules, even while merged)."""
+        self.inject_adapter(self.model, adapter_name, config, autocast_adapter_dtype)
+
+    def _check_adapters(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} not found. Existing adapters: {sorted(self.peft_config)}.")
+
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool | None = None) -> None:
+        """Activate ``adapter_name`` (or several, for bookkeeping): only its copies become trainable.
+
+        ``inference_mode=None`` takes each adapter's own ``config.inference_mode``.
+        """
+        names = _as_list(adapter_name)
+        self._check_adapters(names)
+        if self.merged:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
+            self.unmerge_adapter()
+        if inference_mode is None:
+            inference_mode = any(self.peft_config[n].inference_mode for n in names)
+        for _, module in self.tuner_modules():
+            module.set_adapter(names, inference_mode=inference_mode)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Toggle gradients of the named adapters' copies, merged or not; base weights stay frozen."""
+        names = _as_list(adapter_names)
+        self._check_adapters(names)
+        for _, module in self.tuner_modules():
+            module.set_requires_grad(names, requires_grad)
+
+    def delete_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Remove adapters and their copies; if the active one goes, another remaining one becomes active."""
+        names = _as_list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]} does not exist. Existing adapters: {sorted(self.peft_config)}.")
+        merged = sorted({n for layer in self._ln_layers() for n in layer.merged_adapters if n in names})
+        if merged:
+            raise ValueError(
+                f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first "
+                "(unmerge_adapter())."
+            )
+        for name in names:
+            del self.peft_config[name]
+            for _, module in self.tuner_modules():
+                module.delete_adapter(name)
+        remaining = [n for n in self.active_adapters if n not in names]
+        if not remaining and set(names) & set(self.active_adapters) and self.peft_config:
+            new_active = next(iter(self.peft_config))
+            warnings.warn(
+                f"Adapter {names} was active which is now deleted. Setting active adapter to {new_active}.",
+                stacklevel=2,
+            )
+            remaining = [new_active]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self.active_adapter = []
+            for _, module in self.tuner_modules():
+                module.set_adapter([])
+        self._drop_empty_wrappers()
+
+    def _drop_empty_wrappers(self) -> None:
+        """Put back the plain module where no adapter is left on a wrapper."""
+        for name, module in list(self.tuner_modules()):
+            copies = module.ln_tuning_layers if isinstance(module, LNTuningLayer) else module.modules_to_save
+            if len(copies) == 0:
+                original = module.original_module
+                parent_name, child = _split_name(name)
+                setattr(self.model.get_submodule(parent_name), child, original)
+        self.targeted_module_names = [n for n, m in self.tuner_modules() if isinstance(m, LNTuningLayer)]
+
+    def enable_adapter_layers(self) -> None:
+        """Re-enable the adapters (gradients follow the active adapter's inference_mode)."""
+        for _, module in self.tuner_modules():
+            module.enable_adapters(True)
+        if self.active_adapters:
+            inference = any(self.peft_config[n].inference_mode for n in self.active_adapters)
+            for _, module in self.tuner_modules():
+                module.set_adapter(self.active_adapters, inference_mode=inference)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the original modules everywhere (merged or not); no copy receives gradients."""
+        for _, module in self.tuner_modules():
+            module.enable_adapters(False)
+            names = module.ln_tuning_layers if isinstance(module, LNTuningLayer) else module.modules_to_save
+            module.set_requires_grad(list(names), False)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context in which the model behaves as the base model; the previous state (merged, grads) returns."""
+        params = [p for _, m in self.tuner_modules() for p in m.parameters()]
+        grads = [p.requires_grad for p in params]
+        enabled = {id(m): not m.disable_adapters for _, m in self.tuner_modules()}
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            for _, module in self.tuner_modules():
+                module.enable_adapters(enabled.get(id(module), True))
+            for p, g in zip(params, grads):
+                p.requires_grad_(g)
+
+    @contextmanager
+    def batch_adapters(self, adapter_names: Sequence[str] | None):
+        """Context in which sample ``i`` of every forward runs ``adapter_names[i]`` (``"__base__"``: none)."""
+        if adapter_names is None:
+            yield
+            return
+        names = list(adapter_names)
+        self._check_adapters([n for n in set(names) if n != BASE_ADAPTER_NAME])
+        if self.merged:
+            raise ValueError("Cannot use adapter_names while an adapter is merged; call unmerge_adapter() first.")
+        batch = BatchAdapters.from_names(names)
+        modules = [m for _, m in self.tuner_modules()]
+        for module in modules:
+            module.set_batch_adapters(batch)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.set_batch_adapters(None)
+
+    # -------------------------------------------------------------------------------- merge
+    def _merge_target(self, adapter_names: Sequence[str] | None) -> list[str]:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._check_adapters(names)
+        if len(names) > 1:
+            raise ValueError(
+                f"Trying to merge {len(names)} adapters ({names}), but LN tuning does not allow merging more "
+                "than one adapter at a time. Pass adapter_names=[name]."
+            )
+        return names
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Swap the adapter's copies in as the base modules (undo with `unmerge_adapter`)."""
+        names = self._merge_target(adapter_names)
+        layers = self._ln_layers()
+        if not names:
+            return
+        if layers and all(layer.merged_adapters == names for layer in layers if names[0] in layer.ln_tuning_layers):
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
+        current = {n for layer in layers for n in layer.merged_adapters}
+        if current - set(names):
+            warnings.warn(f"Already merged with {sorted(current)}. Unmerging first.", stacklevel=2)
+            self.unmerge_adapter()
+        for layer in layers:
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Undo `merge_adapter`."""
+        layers = self._ln_layers()
+        if not any(layer.merged for layer in layers):
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        for layer in layers:
+            layer.unmerge()
+
+    def _unloading_checks(self, adapter_names: Sequence[str] | None) -> None:
+        names = list(self.peft_config) if adapter_names is None else list(adapter_names)
+        with_save = [n for n in names if self.peft_config[n].modules_to_save]
+        if len(with_save) > 1:
+            raise ValueError(
+                f"Cannot unload multiple adapters that specify `modules_to_save` ({with_save}); delete all but "
+                "one of them first."
+            )
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+    ) -> nn.Module:
+        """Replace every wrapper by a plain module and return the model.
+
+        With ``merge``, each place gets the chosen adapter's tuned module (the merged adapter, else the
+        active one; the original where a layer lacks it); without, the original module.
+        """
+        if merge:
+            merged = [n for layer in self._ln_layers() for n in layer.merged_adapters]
+            names = self._merge_target(adapter_names if adapter_names is not None else (merged[:1] or None))
+            self._unloading_checks(names)
+        else:
+            names = []
+        wrappers = list(self.tuner_modules())
+        desc = "Unloading " + ("and merging " if merge else "") + "model"
+        for name, module in tqdm(wrappers, disable=not progressbar, desc=desc):
+            if merge and names:
+                replacement = module.module_for(names[0])
+            else:
+                replacement = module.original_module
+            if isinstance(module, LNTuningLayer) and module.compute_dtype is not None:
+                replacement = replacement.to(module.compute_dtype)
+            parent_name, child = _split_name(name)
+            setattr(self.model.get_submodule(parent_name), child, replacement)
+        self.peft_config = {}
+        self.targeted_module_names = []
+        return self.model
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """The plain model with the adapter's tuned modules in place (no lntune module left)."""
+        return self._unload_and_optionally_merge(True, progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """The plain model with the original modules back (no lntune module left)."""
+        return self._unload_and_optionally_merge(merge=False)
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)

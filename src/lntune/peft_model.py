@@ -1,0 +1,401 @@
+"""`PeftModel` and its task variants: the user-facing wrapper, with PEFT's methods and files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lntune.checkpoint import (
+    get_peft_model_state_dict,
+    load_adapter_weights,
+    save_adapter_weights,
+    set_peft_model_state_dict,
+)
+from lntune.config import LNTuningConfig, TaskType
+from lntune.model import LNTuningModel
+
+_CLASSIFIER_MODULES = ["classifier", "score"]
+
+
+def _model_card(base_model: str | None) -> str:
+    lines = ["---", "library_name: peft"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    lines += ["tags:", "- lntune", "- ln_tuning", "---", "", "# LN tuning adapter", ""]
+    lines += [
+        "Trained with [lntune](https://pypi.org/project/lntune/): only the normalization layers are tuned.",
+        "Load it with `lntune.PeftModel.from_pretrained(base_model, path)` or with PEFT's own",
+        "`peft.PeftModel.from_pretrained`; the files follow PEFT's LN tuning format.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+class PeftModel(nn.Module):
+    """A model with LN tuning adapters, with the API of ``peft.PeftModel``.
+
+    Args:
+        model: The base model; its target modules are wrapped in place.
+        peft_config: The first adapter's `LNTuningConfig`.
+        adapter_name: Name of the first adapter.
+        autocast_adapter_dtype: Keep float16/bfloat16 adapters in float32 (see `LNTuningModel`).
+        low_cpu_mem_usage: Accepted for PEFT compatibility.
+
+    Example:
+        >>> from lntune import get_peft_model, LNTuningConfig, TaskType
+        >>> model = get_peft_model(base, LNTuningConfig(task_type=TaskType.CAUSAL_LM))
+        >>> model.print_trainable_parameters()
+        trainable params: 80 || all params: 6,816 || trainable%: 1.1737
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LNTuningConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        self._prepare_config(peft_config)
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        if peft_config.task_type is None and peft_config.auto_mapping is None:
+            cls = type(model)
+            peft_config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        self.base_model = LNTuningModel(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+
+    def _prepare_config(self, config: LNTuningConfig) -> None:
+        """Hook for task variants (for example: add the classifier head to modules_to_save)."""
+
+    @staticmethod
+    def _add_modules_to_save(config: LNTuningConfig, names: Sequence[str]) -> None:
+        current = list(config.modules_to_save or [])
+        config.modules_to_save = current + [n for n in names if n not in current]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --------------------------------------------------------------------------- properties
+    @property
+    def peft_config(self) -> dict[str, LNTuningConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def peft_type(self) -> str:
+        return "LN_TUNING"
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
+        return names or None
+
+    def get_base_model(self) -> nn.Module:
+        """The underlying model (containing the wrapped layers)."""
+        return self.base_model.model
+
+    # ------------------------------------------------------------------------------- counts
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts; ``all`` includes the adapter copies, as in PEFT."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: N || all params: M || trainable%: P``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    # ----------------------------------------------------------------------------- adapters
+    def add_adapter(self, adapter_name: str, peft_config: LNTuningConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add an inactive adapter; `set_adapter` activates it."""
+        self._prepare_config(peft_config)
+        if peft_config.base_model_name_or_path is None and self.peft_config:
+            first = next(iter(self.peft_config.values()))
+            peft_config.base_model_name_or_path = first.base_model_name_or_path
+        self.base_model.add_adapter(adapter_name, peft_config)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Activate one adapter; its copies (only) become trainable unless ``inference_mode``."""
+        if not isinstance(adapter_name, str):
+            raise TypeError("PeftModel.set_adapter takes one adapter name; use adapter_names=[...] per sample.")
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} not found. Existing adapters: {sorted(self.peft_config)}.")
+        self.base_model.set_adapter(
+            adapter_name, inference_mode=inference_mode or self.peft_config[adapter_name].inference_mode
+        )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context manager: inside, the model is the base model; on exit, the previous state returns."""
+        with self.base_model.disable_adapter():
+            yield
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """Run the model; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none)."""
+        with self.base_model.batch_adapters(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """``generate`` of the underlying model, optionally with one adapter per sample."""
+        with self.base_model.batch_adapters(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    # -------------------------------------------------------------------------------- files
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        **kwargs,
+    ) -> None:
+        """Write the adapters in PEFT's layout: ``default`` at the top, others in ``<dir>/<name>/``.
+
+        Each file is written to a temporary name and renamed, so an interrupted save never leaves a
+        half-written adapter over a good one. The tuned weights are saved even while merged.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory} is a file; pass a folder.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"selected_adapters {unknown} do not exist. Existing adapters: {sorted(self.peft_config)}."
+            )
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            state = get_peft_model_state_dict(self, adapter_name=name)
+            save_adapter_weights(state, folder, safe_serialization=safe_serialization)
+            self.peft_config[name].save_pretrained(folder)
+        readme = os.path.join(save_directory, "README.md")
+        if not os.path.exists(readme):
+            base = next(iter(self.peft_config.values())).base_model_name_or_path
+            with open(readme, "w", encoding="utf-8") as fh:
+                fh.write(_model_card(base))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LNTuningConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs,
+    ) -> PeftModel:
+        """Load a saved adapter (lntune's or PEFT's) onto ``model``.
+
+        All-or-nothing: if the files are bad or do not fit, ``model`` is left exactly as it was and
+        the error names the file and key.
+
+        Args:
+            model: The base model (modified in place on success).
+            model_id: A local adapter folder.
+            adapter_name: Name to load the adapter under (any name works).
+            is_trainable: Keep the adapter trainable; otherwise it is frozen and the model is in eval mode.
+            config: Use this config instead of the folder's ``adapter_config.json``.
+            autocast_adapter_dtype: Keep float16/bfloat16 adapters in float32.
+            low_cpu_mem_usage: Accepted for PEFT compatibility.
+            **kwargs: ``subfolder`` is honoured; hub options (``revision``, ``token``...) are ignored.
+
+        Returns:
+            The task-specific `PeftModel`.
+        """
+        folder = os.fspath(model_id)
+        if kwargs.get("subfolder"):
+            folder = os.path.join(folder, kwargs["subfolder"])
+        if config is None:
+            config = LNTuningConfig.from_pretrained(folder)
+        elif not isinstance(config, LNTuningConfig):
+            raise TypeError(f"config must be an LNTuningConfig, got {type(config).__name__}.")
+        weights = load_adapter_weights(folder)
+        config.inference_mode = not is_trainable
+        model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, strict=True)
+        except BaseException:
+            peft_model.base_model.unload()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs,
+    ):
+        """Load a saved adapter as a new, inactive adapter ``adapter_name`` (all-or-nothing).
+
+        Returns ``IncompatibleKeys`` (always empty: any mismatch raises and changes nothing).
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"Adapter '{adapter_name}' already exists. Delete it first (delete_adapter), choose another "
+                "name, or replace its weights in place with lntune.hotswap_adapter."
+            )
+        folder = os.fspath(model_id)
+        if kwargs.get("subfolder"):
+            folder = os.path.join(folder, kwargs["subfolder"])
+        config = LNTuningConfig.from_pretrained(folder)
+        weights = load_adapter_weights(folder)
+        config.inference_mode = not is_trainable
+        self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
+        try:
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+        return result
+
+
+class PeftModelForCausalLM(PeftModel):
+    """`PeftModel` for ``TaskType.CAUSAL_LM``; ``forward`` names the arguments Trainer looks for."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs,
+    ):
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds}
+        named.update({k: v for k, v in {"labels": labels}.items() if v is not None})
+        return super().forward(adapter_names=adapter_names, **named, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+    """`PeftModel` for ``TaskType.SEQ_2_SEQ_LM``."""
+
+
+class PeftModelForFeatureExtraction(PeftModelForCausalLM):
+    """`PeftModel` for ``TaskType.FEATURE_EXTRACTION``."""
+
+
+class PeftModelForSequenceClassification(PeftModelForCausalLM):
+    """`PeftModel` for ``TaskType.SEQ_CLS``: the ``classifier``/``score`` head is trained in full."""
+
+    def _prepare_config(self, config: LNTuningConfig) -> None:
+        self._add_modules_to_save(config, _CLASSIFIER_MODULES)
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """`PeftModel` for ``TaskType.TOKEN_CLS``: the ``classifier``/``score`` head is trained in full."""
+
+
+class PeftModelForQuestionAnswering(PeftModelForCausalLM):
+    """`PeftModel` for ``TaskType.QUESTION_ANS``: the ``qa_outputs`` head is trained in full."""
+
+    def _prepare_config(self, config: LNTuningConfig) -> None:
+        self._add_modules_to_save(config, ["qa_outputs"])
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LNTuningConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` for LN tuning: the task's `PeftModel`, with only the adapter trainable.
+
+    Args:
+        model: A Transformers model or any ``nn.Module`` (changed in place).
+        peft_config: An `LNTuningConfig`. With ``target_modules=None`` the model type's default is used,
+            or every normalization layer found by type.
+        adapter_name: Name of the first adapter.
+        mixed: Must be False (PEFT's mixed-method models do not support LN tuning).
+        autocast_adapter_dtype: Keep float16/bfloat16 adapters in float32 so that they learn.
+        revision: Stored in the config, as in PEFT.
+        low_cpu_mem_usage: Accepted for PEFT compatibility.
+
+    Returns:
+        A `PeftModel` (a task variant when ``peft_config.task_type`` is set).
+
+    Example:
+        >>> model = get_peft_model(AutoModelForCausalLM.from_config(cfg), LNTuningConfig(task_type="CAUSAL_LM"))
+        >>> type(model).__name__
+        'PeftModelForCausalLM'
+    """
+    if mixed:
+        raise ValueError(
+            "The provided peft_type 'LN_TUNING' is not compatible with the PeftMixedModel; use mixed=False."
+        )
+    if not isinstance(peft_config, LNTuningConfig):
+        raise TypeError(f"lntune only supports LNTuningConfig, got {type(peft_config).__name__}.")
+    if revision is not None:
+        peft_config.revision = revision
+    model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
+    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+
+
+def inject_adapter_in_model(
+    peft_config: LNTuningConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict | None = None,
+) -> nn.Module:
+    """Wrap the target modules of ``model`` in place and return ``model`` itself (no `PeftModel`).
+
+    Use `get_peft_model_state_dict` / `set_peft_model_state_dict` on the result; keys then have no
+    ``base_model.model.`` prefix.
+    """
+    return LNTuningModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage).model
