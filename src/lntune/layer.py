@@ -59,6 +59,8 @@ class LNTuningLayer(nn.Module):
         self.in_features = getattr(base_layer, "in_features", None)
         self.out_features = getattr(base_layer, "out_features", None)
         self.update_layer(adapter_name, adapter_dtype)
+        # Follow the wrapped module's train/eval mode (new modules default to train).
+        self.training = self.ln_tuning_layers.training = base_layer.training
 
     # ----------------------------------------------------------------------------------- state
     @property

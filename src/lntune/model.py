@@ -69,6 +69,7 @@ class LNTuningModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training
         self.peft_config: dict[str, LNTuningConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
         self.targeted_module_names: list[str] = []

@@ -29,6 +29,7 @@ class ModulesToSaveWrapper(nn.Module):
         self._disable_adapters = False
         self._batch_adapters: BatchAdapters | None = None
         self.update(adapter_name)
+        self.training = self.modules_to_save.training = module_to_save.training
 
     @property
     def active_adapters(self) -> list[str]:

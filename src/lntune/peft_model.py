@@ -68,6 +68,7 @@ class PeftModel(nn.Module):
             cls = type(model)
             peft_config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
         self.base_model = LNTuningModel(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+        self.training = model.training
 
     def _prepare_config(self, config: LNTuningConfig) -> None:
         """Hook for task variants (for example: add the classifier head to modules_to_save)."""
