@@ -37,42 +37,77 @@ def _tiny_config(kind: str):
     common = dict(vocab_size=VOCAB)
     if kind == "llama":
         return tf.LlamaConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
             **common,
         )
     if kind == "qwen2":
         return tf.Qwen2Config(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
             **common,
         )
     if kind == "gemma":
         return tf.GemmaConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=8, **common,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            **common,
         )
     if kind == "gpt2":
         return tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **common)
     if kind == "opt":
         return tf.OPTConfig(
-            hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=16,
-            max_position_embeddings=64, **common,
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            max_position_embeddings=64,
+            **common,
         )
     if kind == "bert":
         return tf.BertConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=64, num_labels=3, **common,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            num_labels=3,
+            **common,
         )
     if kind == "t5":
         return tf.T5Config(d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2, decoder_start_token_id=0, **common)
     if kind == "bart":
         return tf.BartConfig(
-            d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=2, decoder_layers=2,
-            encoder_attention_heads=2, decoder_attention_heads=2, max_position_embeddings=64, **common,
+            d_model=16,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            max_position_embeddings=64,
+            **common,
         )
     if kind == "vit":
         return tf.ViTConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8,
-            patch_size=4, num_labels=3,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+            num_labels=3,
         )
     raise ValueError(kind)
 
