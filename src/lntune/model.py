@@ -75,7 +75,6 @@ class LNTuningModel(nn.Module):
         self.targeted_module_names: list[str] = []
         if isinstance(config, dict):
             config = config[adapter_name]
-        self.model.requires_grad_(False)
         self.inject_adapter(self.model, adapter_name, config, autocast_adapter_dtype)
 
     # ------------------------------------------------------------------------------ helpers
@@ -207,6 +206,8 @@ class LNTuningModel(nn.Module):
         self._prepare_adapter_config(config, candidates)
         targets, save_names = self._find_targets(config, candidates)
 
+        if not self.peft_config:
+            model.requires_grad_(False)  # first adapter: only adapter copies will train
         self.peft_config[adapter_name] = config
         modules = dict(candidates)
         for name in targets:
