@@ -169,6 +169,50 @@ class PeftModel(nn.Module):
         with self.base_model.batch_adapters(adapter_names):
             return self.base_model.generate(*args, **kwargs)
 
+    # ------------------------------------------------------------------ gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The base model's ``gradient_checkpointing_enable``, with gradients reaching checkpointed blocks.
+
+        LN tuning freezes the embeddings, so the hidden states entering the first checkpointed block do
+        not require grad; reentrant checkpointing (``use_reentrant=True``) then drops the graph and the
+        norms inside the blocks get no gradient. As PEFT does, the input embeddings' output is made to
+        require grad (``enable_input_require_grads``) unless the base model already did so.
+
+        Args:
+            gradient_checkpointing_kwargs: Passed to ``torch.utils.checkpoint.checkpoint``
+                (for example ``{"use_reentrant": True}``).
+            **kwargs: Other arguments of the base model's method (``every_n_layers``...).
+
+        Example:
+            >>> peft_model.gradient_checkpointing_enable({"use_reentrant": True})
+        """
+        self._checkpointing_base("gradient_checkpointing_enable").gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+        )
+        self._enable_input_require_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Transformers 5's name for `gradient_checkpointing_enable` (what ``Trainer`` calls); same fix."""
+        self._checkpointing_base("activation_checkpointing_enable").activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs
+        )
+        self._enable_input_require_grads()
+
+    def _checkpointing_base(self, method: str) -> nn.Module:
+        base = self.get_base_model()
+        if not hasattr(base, method):
+            raise AttributeError(
+                f"{type(base).__name__} has no {method}(): gradient checkpointing needs a Transformers model "
+                "(or a model defining that method); wrap your blocks in torch.utils.checkpoint yourself otherwise."
+            )
+        return base
+
+    def _enable_input_require_grads(self) -> None:
+        base = self.get_base_model()
+        already = getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None)
+        if not already and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
     # -------------------------------------------------------------------------------- files
     def save_pretrained(
         self,
