@@ -6,6 +6,7 @@
 
 from lntune.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from lntune.config import LNTuningConfig, PeftType, TaskType
+from lntune.hotswap import hotswap_adapter
 from lntune.layer import LNTuningLayer
 from lntune.model import LNTuningModel
 from lntune.modules_to_save import ModulesToSaveWrapper
@@ -42,6 +43,7 @@ __all__ = [
     "detect_norm_layers",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
     "inject_adapter_in_model",
     "set_peft_model_state_dict",
 ]

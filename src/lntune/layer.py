@@ -19,13 +19,7 @@ import torch
 from torch import nn
 
 from lntune.mixed_batch import BatchAdapters, mixed_forward
-
-
-def _float_dtype(module: nn.Module) -> torch.dtype | None:
-    for tensor in module.parameters():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return None
+from lntune.precision import float_dtype, runner, upcast_parameters
 
 
 class LNTuningLayer(nn.Module):
@@ -35,9 +29,8 @@ class LNTuningLayer(nn.Module):
         base_layer: The module to tune (a LayerNorm, RMSNorm, Linear, a whole block...). It is kept,
             unchanged, as ``base_layer``.
         adapter_name: The first adapter to create.
-        adapter_dtype: dtype for the adapter's floating parameters (for example ``torch.float32`` on a
-            bf16 model); ``None`` keeps the base module's dtype. The copy then computes with its
-            parameters cast to the base dtype, so outputs keep the model's dtype.
+        upcast: Store the adapter's float16/bfloat16 parameters in float32 (see `lntune.precision`);
+            forward still computes in the base module's dtype, so outputs keep the model's dtype.
 
     Example:
         >>> layer = LNTuningLayer(torch.nn.LayerNorm(8), "default")
@@ -47,7 +40,7 @@ class LNTuningLayer(nn.Module):
 
     adapter_layer_names = ("ln_tuning_layers",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, adapter_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, upcast: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.ln_tuning_layers = nn.ModuleDict()
@@ -55,10 +48,11 @@ class LNTuningLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._batch_adapters: BatchAdapters | None = None
+        self._runners: dict[int, Callable] = {}
         # PEFT exposes these on every tuner layer; None for modules without them (norms).
         self.in_features = getattr(base_layer, "in_features", None)
         self.out_features = getattr(base_layer, "out_features", None)
-        self.update_layer(adapter_name, adapter_dtype)
+        self.update_layer(adapter_name, upcast)
         # Follow the wrapped module's train/eval mode (new modules default to train).
         self.training = self.ln_tuning_layers.training = base_layer.training
 
@@ -99,13 +93,14 @@ class LNTuningLayer(nn.Module):
         return self.original_module
 
     # ------------------------------------------------------------------------------- adapters
-    def update_layer(self, adapter_name: str, adapter_dtype: torch.dtype | None = None) -> None:
-        """Add ``adapter_name`` as a fresh, frozen copy of the original module (never of a tuned one)."""
+    def update_layer(self, adapter_name: str, upcast: bool = False) -> None:
+        """Add ``adapter_name`` as a fresh, frozen copy of the original module (never of a tuned one).
+
+        With ``upcast``, its float16/bfloat16 parameters are stored in float32.
+        """
         tuned = copy.deepcopy(self.original_module)
-        if adapter_dtype is not None:
-            for tensor in (*tuned.parameters(), *tuned.buffers()):
-                if tensor.is_floating_point():
-                    tensor.data = tensor.data.to(adapter_dtype)
+        if upcast:
+            upcast_parameters(tuned)
         tuned.requires_grad_(False)
         self.ln_tuning_layers[adapter_name] = tuned
         self._refresh()
@@ -180,37 +175,40 @@ class LNTuningLayer(nn.Module):
 
     def _refresh(self) -> None:
         """Precompute what forward calls, from the current state (see the module docstring)."""
-        fn: Callable
+        self._compute_dtype = float_dtype(self.original_module)
+        self._runners.clear()
+        module: nn.Module | None
         if self._disable_adapters:
-            fn = self.original_module
+            module = self.original_module
         elif self.merged_adapters:
-            fn = self.base_layer
+            module = self.base_layer
+        elif self._batch_adapters is not None or len(self._active_adapter) > 1:
+            module = None
+        elif self._active_adapter and self._active_adapter[0] in self.ln_tuning_layers:
+            module = self.ln_tuning_layers[self._active_adapter[0]]
+        else:
+            module = self.base_layer
+        fn: Callable
+        if module is not None:
+            fn = self.runner_for(module)
         elif self._batch_adapters is not None:
             fn = functools.partial(mixed_forward, self, self._batch_adapters)
-        elif len(self._active_adapter) > 1:
-            fn = self._raise_multiple_active
-        elif self._active_adapter and self._active_adapter[0] in self.ln_tuning_layers:
-            fn = self.ln_tuning_layers[self._active_adapter[0]]
         else:
-            fn = self.base_layer
-        if isinstance(fn, nn.Module) and _float_dtype(fn) != self.compute_dtype:
-            fn = functools.partial(self.call_in_compute_dtype, fn)
+            fn = self._raise_multiple_active
         # Not registered as a submodule: a plain attribute keeps state_dict and named_modules unchanged.
         object.__setattr__(self, "_forward_fn", fn)
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
         """The dtype the model computes in: that of the original module's parameters."""
-        return _float_dtype(self.original_module)
+        return self._compute_dtype
 
-    def call_in_compute_dtype(self, module: nn.Module, *args, **kwargs):
-        """Run ``module`` with its parameters cast (differentiably) to `compute_dtype`."""
-        if _float_dtype(module) == self.compute_dtype:
-            return module(*args, **kwargs)
-        params = {
-            name: p.to(self.compute_dtype) if p.is_floating_point() else p for name, p in module.named_parameters()
-        }
-        return torch.func.functional_call(module, params, args, kwargs, strict=False)
+    def runner_for(self, module: nn.Module) -> Callable:
+        """What runs ``module`` in `compute_dtype`: the module itself, or a `CastCall` for an upcast copy."""
+        key = id(module)
+        if key not in self._runners:
+            self._runners[key] = runner(module, self._compute_dtype)
+        return self._runners[key]
 
     def _raise_multiple_active(self, *args, **kwargs):
         raise ValueError(

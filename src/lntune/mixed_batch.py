@@ -8,7 +8,7 @@ are differentiable, so a mixed batch trains every adapter it names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,25 +57,61 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     raise ValueError("A mixed-adapter batch needs a tensor input to find the batch dimension.")
 
 
+def check_batch_size(adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> None:
+    """Raise unless ``adapter_names`` has one entry per sample of the first tensor input (dimension 0).
+
+    Args:
+        adapter_names: One adapter name per sample, or ``None`` (nothing to check).
+        args: Positional inputs of the forward / generate call.
+        kwargs: Keyword inputs of the call.
+
+    Example:
+        >>> check_batch_size(["a", "b"], (), {"input_ids": torch.ones(2, 5, dtype=torch.long)})
+    """
+    if adapter_names is None:
+        return
+    if isinstance(adapter_names, str):
+        raise TypeError(
+            f"adapter_names must be a list with one adapter name per sample, got the string {adapter_names!r}."
+        )
+    rows = _first_tensor(args, kwargs).shape[0]
+    if len(adapter_names) != rows:
+        raise ValueError(
+            f"adapter_names has {len(adapter_names)} entries, but the batch has {rows} samples; pass one adapter "
+            f"name per sample ('{BASE_ADAPTER_NAME}' for the base model)."
+        )
+
+
 def mixed_forward(layer: LNTuningLayer, batch: BatchAdapters, *args, **kwargs):
     """Forward of ``layer`` with one adapter per sample (see the module docstring)."""
     x = _first_tensor(args, kwargs)
     index = batch.index_for(x)
     modules = [layer.original_module if n == BASE_ADAPTER_NAME else layer.module_for(n) for n in batch.names]
     if len({id(m) for m in modules}) == 1:
-        return layer.call_in_compute_dtype(modules[0], *args, **kwargs)
+        return layer.runner_for(modules[0])(*args, **kwargs)
     out = _affine_forward(layer, modules, index, x, args, kwargs)
     if out is not None:
         return out
-    return grouped_forward(layer.call_in_compute_dtype, modules, index, args, kwargs)
+    return grouped_forward([layer.runner_for(m) for m in modules], index, args, kwargs)
 
 
 def _stacked(modules: list[nn.Module], name: str, index: torch.Tensor, dtype, shape) -> torch.Tensor | None:
+    """Row ``i`` holds parameter ``name`` of ``modules[index[i]]``, in ``dtype``, viewed as ``shape``."""
     params = [getattr(m, name) for m in modules]
     if params[0] is None:
         return None
-    stacked = torch.stack([p.to(dtype) for p in params])[index]
-    return stacked.view(*shape)
+    return torch.stack([p.to(dtype) for p in params])[index].view(*shape)
+
+
+def _call_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+    """Run the leaf ``module`` with ``params`` in place of its own parameters (put back afterwards)."""
+    slots = module._parameters
+    saved = dict(slots)
+    try:
+        slots.update(params)
+        return module(*args, **kwargs)
+    finally:
+        slots.update(saved)
 
 
 def _affine_forward(layer: LNTuningLayer, modules, index, x, args, kwargs) -> torch.Tensor | None:
@@ -97,17 +133,18 @@ def _affine_forward(layer: LNTuningLayer, modules, index, x, args, kwargs) -> to
         return out if bias is None else out + bias
     if not _elementwise_affine(ref, x):
         return None
-    if getattr(layer, "_broadcast_verified", None) is False:
+    verified = getattr(layer, "_broadcast_verified", None)
+    if verified is False:
         return None
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
     params = {name: _stacked(modules, name, index, dtype, shape) for name, _ in ref.named_parameters()}
     try:
-        out = torch.func.functional_call(ref, params, args, kwargs)
+        out = _call_with(ref, params, args, kwargs)
     except (RuntimeError, ValueError):
         out = None
-    if getattr(layer, "_broadcast_verified", None) is None:
+    if verified is None:
         # First use on this layer: check the broadcast against the always-correct grouped path once.
-        grouped = grouped_forward(layer.call_in_compute_dtype, modules, index, args, kwargs)
+        grouped = grouped_forward([layer.runner_for(m) for m in modules], index, args, kwargs)
         ok = (
             isinstance(out, torch.Tensor)
             and out.shape == grouped.shape
@@ -126,15 +163,28 @@ def _elementwise_affine(module: nn.Module, x: torch.Tensor) -> bool:
     return bool(params) and all(p.dim() == 1 and p.shape[0] == x.shape[-1] for p in params)
 
 
-def grouped_forward(run, modules: list[nn.Module], index: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-    """Run ``run(modules[k], ...)`` on the rows whose ``index`` is ``k`` and reassemble the batch.
+def grouped_forward(runs: list[Callable], index: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """Run ``runs[k](...)`` on the rows whose ``index`` is ``k`` and reassemble the batch.
 
     Every tensor argument whose first dimension equals the batch's is split the same way; other
     arguments are passed whole. Tensor outputs (alone or in a tuple/list) are put back in row order.
+
+    Args:
+        runs: One callable per adapter (a module, or a `CastCall` around one).
+        index: The adapter of each row, as an index into ``runs``.
+        args: Positional arguments of the call.
+        kwargs: Keyword arguments of the call.
+
+    Returns:
+        The outputs of the groups, reassembled in row order.
+
+    Example:
+        >>> grouped_forward([torch.nn.Identity(), torch.neg], torch.tensor([1, 0]), (torch.ones(2, 3),), {})[:, 0]
+        tensor([-1.,  1.])
     """
     rows = index.numel()
     order = torch.argsort(index, stable=True)
-    counts = torch.bincount(index, minlength=len(modules)).tolist()
+    counts = torch.bincount(index, minlength=len(runs)).tolist()
 
     def split(value):
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
@@ -149,7 +199,7 @@ def grouped_forward(run, modules: list[nn.Module], index: torch.Tensor, args: tu
             continue
         sub_args = [a if s is None else s[k] for a, s in zip(args, split_args)]
         sub_kwargs = {key: v if split_kwargs[key] is None else split_kwargs[key][k] for key, v in kwargs.items()}
-        outputs.append(run(modules[k], *sub_args, **sub_kwargs))
+        outputs.append(runs[k](*sub_args, **sub_kwargs))
     inverse = torch.argsort(order)
     return _reassemble(outputs, inverse)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from lntune.config import LNTuningConfig
 from lntune.layer import LNTuningLayer
 from lntune.mixed_batch import BASE_ADAPTER_NAME, BatchAdapters
 from lntune.modules_to_save import ModulesToSaveWrapper
+from lntune.precision import float_dtype, upcast_parameters
 from lntune.targets import (
     TARGET_MODULES_BY_MODEL_TYPE,
     closest_names,
@@ -25,7 +27,6 @@ from lntune.targets import (
 
 logger = logging.getLogger(__name__)
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 TunerModule = LNTuningLayer | ModulesToSaveWrapper
 
 
@@ -36,6 +37,11 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def _as_list(names: str | Sequence[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
+
+
+def _copies(module: TunerModule) -> nn.ModuleDict:
+    """The per-adapter copies of a wrapper."""
+    return module.ln_tuning_layers if isinstance(module, LNTuningLayer) else module.modules_to_save
 
 
 class LNTuningModel(nn.Module):
@@ -257,26 +263,70 @@ class LNTuningModel(nn.Module):
         return layer
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """With ``autocast_adapter_dtype``, keep the adapter's float16/bfloat16 copies in float32.
+        """With ``autocast_adapter_dtype``, store the adapter's float16/bfloat16 parameters in float32.
 
         PEFT leaves LN copies in the model's dtype, where AdamW updates of ~1e-4 round away next to
-        weights of ~1.0. The copy's forward casts its parameters back to the model's dtype.
+        weights of ~1.0. Forward casts the parameters back to the model's dtype (`lntune.precision`).
+        Covers the LN copies and the modules_to_save copies.
         """
         if not autocast_adapter_dtype:
             return
-        for layer in self._ln_layers():
-            if adapter_name not in layer.ln_tuning_layers:
-                continue
-            module = layer.adapter_module(adapter_name)
-            for tensor in (*module.parameters(), *module.buffers()):
-                if tensor.dtype in _LOW_PRECISION:
-                    tensor.data = tensor.data.float()
-            layer._refresh()
+        for _, module in self.tuner_modules():
+            if isinstance(module, LNTuningLayer) and adapter_name in module.ln_tuning_layers:
+                upcast_parameters(module.adapter_module(adapter_name))
+                module._refresh()
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                upcast_parameters(module.modules_to_save[adapter_name])
 
     # ----------------------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name: str, config: LNTuningConfig, autocast_adapter_dtype: bool = True) -> None:
         """Add a new, inactive adapter (a fresh copy of the original modules, even while merged)."""
         self.inject_adapter(self.model, adapter_name, config, autocast_adapter_dtype)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """Add ``adapter_name``, whose copies hold the weighted sum of the given adapters' parameters.
+
+        Every floating parameter and buffer of each copy (and of each modules_to_save copy) becomes
+        ``sum(w * adapter_tensor)``, computed in float32; other buffers come from the first adapter. The
+        adapters must have copies of the same modules. The new adapter is added inactive, with the
+        first adapter's config; `set_adapter` activates it.
+
+        Args:
+            adapters: Names of existing adapters.
+            weights: One weight per adapter (``[0.5, 0.5]`` averages two adapters).
+            adapter_name: Name of the new adapter.
+
+        Example:
+            >>> model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ab")
+            >>> model.set_adapter("ab")
+        """
+        adapters, weights = list(adapters), [float(w) for w in weights]
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError(
+                f"add_weighted_adapter needs one weight per adapter, got adapters={adapters} and weights={weights}."
+            )
+        self._check_adapters(adapters)
+        for name, module in self.tuner_modules():
+            copies = _copies(module)
+            lacking = [a for a in adapters if a not in copies]
+            if lacking and len(lacking) < len(adapters):
+                raise ValueError(
+                    f"Cannot combine adapters {adapters}: module '{name}' has copies of "
+                    f"{[a for a in adapters if a in copies]} but not of {lacking}. Combine adapters that tune "
+                    "the same modules."
+                )
+        self.inject_adapter(self.model, adapter_name, copy.deepcopy(self.peft_config[adapters[0]]))
+        with torch.no_grad():
+            for _, module in self.tuner_modules():
+                if adapter_name not in _copies(module):
+                    continue
+                target = module.module_for(adapter_name)
+                states = [module.module_for(a).state_dict() for a in adapters]
+                for key, tensor in target.state_dict(keep_vars=True).items():
+                    if tensor.is_floating_point():
+                        tensor.copy_(sum(w * state[key].float() for w, state in zip(weights, states)))
+                    else:
+                        tensor.copy_(states[0][key])
 
     def _check_adapters(self, names: Sequence[str]) -> None:
         for name in names:
@@ -469,8 +519,9 @@ class LNTuningModel(nn.Module):
                 replacement = module.module_for(names[0])
             else:
                 replacement = module.original_module
-            if isinstance(module, LNTuningLayer) and module.compute_dtype is not None:
-                replacement = replacement.to(module.compute_dtype)
+            dtype = float_dtype(module.original_module)
+            if dtype is not None:
+                replacement = replacement.to(dtype)
             parent_name, child = _split_name(name)
             setattr(self.model.get_submodule(parent_name), child, replacement)
         self.peft_config = {}

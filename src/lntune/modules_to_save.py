@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lntune.mixed_batch import BASE_ADAPTER_NAME, BatchAdapters, grouped_forward
+from lntune.precision import float_dtype, runner
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -95,12 +96,14 @@ class ModulesToSaveWrapper(nn.Module):
         return self.original_module
 
     def forward(self, *args, **kwargs):
+        # Copies upcast to float32 (autocast_adapter_dtype) run in the original module's dtype.
+        dtype = float_dtype(self.original_module)
         batch = self._batch_adapters
         if batch is None or self._disable_adapters:
-            return self.active_module()(*args, **kwargs)
+            return runner(self.active_module(), dtype)(*args, **kwargs)
         tensor = next(v for v in (*args, *kwargs.values()) if hasattr(v, "shape"))
         modules = [self.original_module if n == BASE_ADAPTER_NAME else self.module_for(n) for n in batch.names]
-        return grouped_forward(lambda module, *a, **k: module(*a, **k), modules, batch.index_for(tensor), args, kwargs)
+        return grouped_forward([runner(m, dtype) for m in modules], batch.index_for(tensor), args, kwargs)
 
     def __repr__(self) -> str:
         return "lntune." + super().__repr__()

@@ -16,6 +16,7 @@ from lntune.checkpoint import (
     set_peft_model_state_dict,
 )
 from lntune.config import LNTuningConfig, TaskType
+from lntune.mixed_batch import check_batch_size
 from lntune.model import LNTuningModel
 
 _CLASSIFIER_MODULES = ["classifier", "score"]
@@ -161,11 +162,13 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------------------ forward
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """Run the model; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none)."""
+        check_batch_size(adapter_names, args, kwargs)
         with self.base_model.batch_adapters(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """``generate`` of the underlying model, optionally with one adapter per sample."""
+        check_batch_size(adapter_names, args, kwargs)
         with self.base_model.batch_adapters(adapter_names):
             return self.base_model.generate(*args, **kwargs)
 

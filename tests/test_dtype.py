@@ -1,0 +1,123 @@
+"""Float32 adapters on bfloat16 models (autocast_adapter_dtype): they learn, save, load and merge."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_inputs, make_tiny_model, model_output
+
+from lntune import LNTuningConfig, PeftModel, TaskType, get_peft_model
+from lntune.precision import CastCall
+
+BF16 = torch.bfloat16
+
+
+def _bf16_llama(autocast: bool = True) -> PeftModel:
+    base = make_tiny_model("llama").to(BF16)
+    return get_peft_model(base, LNTuningConfig(task_type=TaskType.CAUSAL_LM), autocast_adapter_dtype=autocast)
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _train(model, steps: int = 20, lr: float = 1e-4) -> list[float]:
+    """AdamW on one fixed batch; returns the loss before each step and after the last."""
+    inputs = make_inputs("llama", batch=4, seq=16)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        losses.append(model(**inputs, labels=inputs["input_ids"]).loss.item())
+    return losses
+
+
+def test_bf16_model_gets_float32_adapters_and_bf16_outputs():
+    base = make_tiny_model("llama").to(BF16)
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        expected = model_output(base, inputs)
+    model = get_peft_model(base, LNTuningConfig(task_type=TaskType.CAUSAL_LM))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == BF16 for n, p in model.named_parameters() if "ln_tuning_layers" not in n)
+    with torch.no_grad():
+        out = model_output(model, inputs)
+    assert out.dtype == BF16
+    # A fresh float32 copy holds the bf16 values exactly, so the output is the base model's, bit for bit.
+    assert torch.equal(out, expected)
+
+
+def test_float32_adapter_learns_at_lr_1e4_where_bf16_does_not():
+    model = _bf16_llama()
+    before = _trainable(model)
+    losses = _train(model)
+    after = _trainable(model)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+    frozen = _bf16_llama(autocast=False)
+    before = _trainable(frozen)
+    assert all(p.dtype == BF16 for p in before.values())
+    _train(frozen)
+    # In bf16, weights near 1.0 move in steps of ~0.004: AdamW's updates of ~1e-4 round away.
+    assert all(torch.equal(before[n], p) for n, p in _trainable(frozen).items())
+
+
+def test_float32_adapter_save_load_and_merge(tmp_path, perturb):
+    model = _bf16_llama()
+    perturb(model, scale=0.01)
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        expected = model_output(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_model("llama").to(BF16), tmp_path)
+    saved = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    restored = dict(loaded.named_parameters())
+    assert all(restored[n].dtype == torch.float32 and torch.equal(restored[n], p) for n, p in saved.items())
+    with torch.no_grad():
+        assert torch.equal(model_output(loaded, inputs), expected)
+        loaded.merge_adapter()
+        assert torch.equal(model_output(loaded, inputs), expected)
+        loaded.unmerge_adapter()
+    merged = loaded.merge_and_unload()
+    assert all(p.dtype == BF16 for p in merged.parameters())
+    with torch.no_grad():
+        assert torch.equal(model_output(merged, inputs), expected)
+
+
+def test_modules_to_save_copies_are_float32_and_run_in_bf16(perturb):
+    base = make_tiny_model("bert").to(BF16)
+    model = get_peft_model(base, LNTuningConfig(task_type=TaskType.SEQ_CLS))
+    head = model.base_model.model.classifier
+    assert head.modules_to_save["default"].weight.dtype == torch.float32
+    assert head.original_module.weight.dtype == BF16
+    perturb(model, scale=0.01)
+    inputs = make_inputs("bert")
+    out = model_output(model, inputs)
+    assert out.dtype == BF16
+    out.float().sum().backward()
+    assert head.modules_to_save["default"].weight.grad.dtype == torch.float32
+    merged = model.merge_and_unload()
+    assert merged.classifier.weight.dtype == BF16
+    with torch.no_grad():
+        assert torch.equal(model_output(merged, inputs), out.detach())
+
+
+def test_to_float32_drops_the_cast_and_cast_call_restores_parameters():
+    model = _bf16_llama()
+    layer = model.base_model.model.model.norm
+    assert isinstance(layer._forward_fn, CastCall)
+    copy = layer.ln_tuning_layers["default"]
+    weight = copy.weight
+    layer(torch.ones(1, 2, 16, dtype=BF16))
+    assert copy.weight is weight and isinstance(copy._parameters["weight"], torch.nn.Parameter)
+    model.to(torch.float32)
+    assert layer.compute_dtype == torch.float32
+    assert layer._forward_fn is copy
