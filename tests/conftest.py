@@ -174,3 +174,22 @@ def perturb():
 
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of ``model`` that require grad."""
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def sgd_steps(model: nn.Module, inputs: dict, steps: int = 3, lr: float = 0.5) -> list[float]:
+    """Train the parameters that require grad with plain SGD on a fixed loss; returns the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model_output(model, inputs).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -380,9 +380,9 @@ class LNTuningModel(nn.Module):
                 stacklevel=2,
             )
             remaining = [new_active]
-        if remaining:
+        if remaining and remaining != self.active_adapters:  # an inactive adapter's removal keeps merge and grads
             self.set_adapter(remaining)
-        else:
+        elif not remaining:
             self.active_adapter = []
             for _, module in self.tuner_modules():
                 module.set_adapter([])
