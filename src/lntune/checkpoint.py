@@ -6,7 +6,9 @@ Checkpoint keys (relative to the object passed in, so ``base_model.model.`` for 
 * a module_to_save copy: ``<module path>.<param>``
 
 Loading also accepts PEFT's nested-target form ``<module path>.ln_tuning_layers.<adapter>.<param>``.
-Loading is all-or-nothing: every key, shape and dtype is checked before any tensor is written.
+Loading is all-or-nothing: every key, shape and dtype is checked before any tensor is written, and
+`restore_on_error` undoes the adding of an adapter whose loading fails. Writing goes through
+`atomic_write_bytes`, so a failed save never damages the previous files.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -42,19 +45,39 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ writing
+def _new_file_mode(path: str) -> int:
+    """The permissions ``open(path, "w")`` would give: the old file's, else ``0o666`` minus the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
-    An interrupted write leaves any previous file at ``path`` intact.
+    An interrupted or failed write leaves any previous file at ``path`` byte-identical and no temporary
+    file behind. The new file gets the permissions a plain ``open(path, "w")`` would give.
+
+    Args:
+        path: The file to (over)write; its folder must exist.
+        data: The complete new contents.
+
+    Example:
+        >>> atomic_write_bytes("out/adapter_config.json", b"{}")
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -62,55 +85,145 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def save_adapter_weights(
-    state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, safe_serialization: bool = True
-) -> str:
-    """Write ``state_dict`` as ``adapter_model.safetensors`` (or ``.bin``) in ``folder``; returns the path."""
+def serialize_adapter_weights(
+    state_dict: dict[str, torch.Tensor], safe_serialization: bool = True
+) -> tuple[str, bytes]:
+    """``(file name, bytes)`` of ``state_dict`` as ``adapter_model.safetensors`` or ``adapter_model.bin``.
+
+    Serializing before writing anything means a failure here (odd tensors, out of memory) touches no file.
+
+    Args:
+        state_dict: Tensors under checkpoint keys (copied to contiguous CPU tensors first).
+        safe_serialization: safetensors (with PEFT's ``{"format": "pt"}`` metadata) or a torch pickle.
+
+    Returns:
+        The file name inside the adapter folder and its contents.
+
+    Example:
+        >>> name, data = serialize_adapter_weights(get_peft_model_state_dict(model))
+        >>> name
+        'adapter_model.safetensors'
+    """
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     if safe_serialization:
-        path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-        atomic_write_bytes(path, safetensors_save(tensors, metadata={"format": "pt"}))
-    else:
-        buffer = io.BytesIO()
-        torch.save(tensors, buffer)
-        path = os.path.join(folder, WEIGHTS_NAME)
-        atomic_write_bytes(path, buffer.getvalue())
+        return SAFETENSORS_WEIGHTS_NAME, safetensors_save(tensors, metadata={"format": "pt"})
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return WEIGHTS_NAME, buffer.getvalue()
+
+
+def write_adapter_weights(folder: str | os.PathLike, file_name: str, data: bytes) -> str:
+    """Atomically write serialized weights into ``folder`` and drop the other format's stale file.
+
+    Loading prefers ``adapter_model.safetensors``, so an old one left next to a new ``.bin`` would
+    shadow it; it is removed only after the new file is complete.
+
+    Args:
+        folder: The adapter folder (must exist).
+        file_name: `SAFETENSORS_WEIGHTS_NAME` or `WEIGHTS_NAME`, from `serialize_adapter_weights`.
+        data: The file's contents.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> write_adapter_weights("out", *serialize_adapter_weights(state_dict))
+        'out/adapter_model.safetensors'
+    """
+    path = os.path.join(os.fspath(folder), file_name)
+    atomic_write_bytes(path, data)
+    other = WEIGHTS_NAME if file_name == SAFETENSORS_WEIGHTS_NAME else SAFETENSORS_WEIGHTS_NAME
+    stale = os.path.join(os.fspath(folder), other)
+    if os.path.isfile(stale):
+        os.remove(stale)
     return path
 
 
-# ------------------------------------------------------------------------------------ reading
-def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the adapter weights of ``folder`` (safetensors preferred; ``.bin`` only as plain tensors).
+def save_adapter_weights(
+    state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, safe_serialization: bool = True
+) -> str:
+    """Serialize ``state_dict`` and write it atomically into ``folder``; returns the path written.
 
-    Raises ``FileNotFoundError`` or `CheckpointError` naming the file.
+    Example:
+        >>> save_adapter_weights(get_peft_model_state_dict(model), "out")
+        'out/adapter_model.safetensors'
+    """
+    return write_adapter_weights(folder, *serialize_adapter_weights(state_dict, safe_serialization))
+
+
+# ------------------------------------------------------------------------------------ reading
+def adapter_weights_path(folder: str | os.PathLike) -> str:
+    """The weights file of an adapter folder: ``adapter_model.safetensors``, else ``adapter_model.bin``.
+
+    Raises ``FileNotFoundError`` naming the folder and both file names.
     """
     folder = os.fspath(folder)
-    st_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-    bin_path = os.path.join(folder, WEIGHTS_NAME)
-    if os.path.isfile(st_path):
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Adapter folder {folder} does not exist.")
+    raise FileNotFoundError(f"No adapter weights in {folder}: expected {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}.")
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The useful line of torch's weights_only error (without its advice to disable the check)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file: safetensors, or a ``.bin`` with ``torch.load(weights_only=True)`` only.
+
+    A ``.bin`` holding anything but plain tensors (for example a pickled object with code) is refused
+    without running it.
+
+    Args:
+        path: ``.../adapter_model.safetensors`` or ``.../adapter_model.bin``.
+
+    Returns:
+        ``{checkpoint key: tensor}`` on the CPU.
+
+    Raises:
+        CheckpointError: naming ``path``, if it is not a readable file of that format or does not map
+            string keys to tensors.
+
+    Example:
+        >>> read_adapter_weights("out/adapter_model.safetensors").keys()
+    """
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
         try:
-            with open(st_path, "rb") as fh:
+            with open(path, "rb") as fh:
                 tensors = safetensors_load(fh.read())
         except (SafetensorError, ValueError, OSError) as exc:
-            raise CheckpointError(f"{st_path} is not a readable safetensors file: {exc}") from None
-        path = st_path
-    elif os.path.isfile(bin_path):
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}).") from None
+    else:
         try:
-            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
             raise CheckpointError(
-                f"{bin_path} could not be loaded as plain tensors (weights_only=True): {exc}"
+                f"{path} could not be loaded as plain tensors with torch.load(weights_only=True) "
+                f"({_unpickling_reason(exc)}). lntune never unpickles other objects; re-save the adapter "
+                "with safe_serialization=True where it was trusted."
             ) from None
-        path = bin_path
-    else:
-        raise FileNotFoundError(
-            f"No adapter weights in {folder}: expected {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}."
-        )
     if not isinstance(tensors, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
     ):
-        raise CheckpointError(f"{path} must map string keys to tensors.")
+        raise CheckpointError(f"{path} must map string keys to tensors, got {type(tensors).__name__}.")
     return tensors
+
+
+def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read the adapter weights of ``folder`` (`adapter_weights_path` then `read_adapter_weights`).
+
+    Example:
+        >>> set_peft_model_state_dict(peft_model, load_adapter_weights("out/"))
+    """
+    return read_adapter_weights(adapter_weights_path(folder))
 
 
 # ------------------------------------------------------------------------------ state dicts
@@ -195,12 +308,24 @@ def check_peft_model_state_dict(
                 f"{tuple(have.shape)}. Was the adapter trained on a model of another size?"
             )
         if have.is_floating_point() != value.is_floating_point() or value.is_complex():
-            raise CheckpointError(f"dtype mismatch for '{key}': checkpoint has {value.dtype}, the model {have.dtype}.")
+            raise CheckpointError(
+                f"dtype mismatch for '{key}': checkpoint has {value.dtype}, the model {have.dtype} (floating "
+                "tensors of any precision are cast; integer, bool or complex ones are refused)."
+            )
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"'{key}' holds NaN or infinite values.")
+            raise CheckpointError(f"'{key}' holds NaN or infinite values; the adapter is broken (diverged training?).")
         mapping[key] = target
     missing = sorted(set(expected) - set(mapping.values()))
     return mapping, IncompatibleKeys(missing, sorted(unexpected))
+
+
+def _describe_keys(result: IncompatibleKeys, shown: int = 5) -> str:
+    parts = []
+    for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
+        if keys:
+            more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {label} key(s) {keys[:shown]}{more}")
+    return "; ".join(parts)
 
 
 def set_peft_model_state_dict(
@@ -238,17 +363,51 @@ def set_peft_model_state_dict(
         }
     mapping, result = check_peft_model_state_dict(model, state, adapter_name)
     if strict and (result.missing_keys or result.unexpected_keys):
-        problems = []
-        if result.missing_keys:
-            problems.append(f"missing keys {result.missing_keys[:5]}")
-        if result.unexpected_keys:
-            problems.append(f"unexpected keys {result.unexpected_keys[:5]}")
         raise CheckpointError(
-            f"Checkpoint does not fit adapter '{adapter_name}' of this model: {'; '.join(problems)}. Is it an "
-            "adapter for another architecture or target list?"
+            f"Checkpoint does not fit adapter '{adapter_name}' of this model: {_describe_keys(result)}. Is it an "
+            "adapter for another architecture, size or target list?"
         )
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     with torch.no_grad():
         for key, target in mapping.items():
             expected[target].copy_(state[key])
     return result
+
+
+# ----------------------------------------------------------------------------- all-or-nothing
+_WRAPPERS = (LNTuningLayer, ModulesToSaveWrapper)
+
+
+@contextmanager
+def restore_on_error(root: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Undo whatever adding ``adapter_name`` to ``root`` did, if the body raises (any exception).
+
+    Wrappers created in the body are replaced by the modules they wrap, wrappers that existed before
+    lose their ``adapter_name`` copy (if any), and every parameter gets back its ``requires_grad``
+    flag. Existing copies are never written by loading, so this restores ``root`` exactly. The
+    adapter's bookkeeping (``peft_config``) is the caller's to restore.
+
+    Args:
+        root: The model the adapter is added to (the base model, not the `PeftModel`).
+        adapter_name: The adapter being added; it must not have existed before.
+
+    Example:
+        >>> with restore_on_error(model, "new"):
+        ...     LNTuningModel(model, config, "new")  # raises: model is as it was
+    """
+    existing = {id(m) for m in root.modules() if isinstance(m, _WRAPPERS)}
+    grads = [(p, p.requires_grad) for p in root.parameters()]
+    try:
+        yield
+    except BaseException:
+        for name, module in list(root.named_modules()):
+            if not isinstance(module, _WRAPPERS):
+                continue
+            if id(module) in existing:
+                module.delete_adapter(adapter_name)
+            else:
+                parent, _, child = name.rpartition(".")
+                setattr(root.get_submodule(parent), child, module.original_module)
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        raise

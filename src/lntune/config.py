@@ -161,6 +161,11 @@ class LNTuningConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         if not isinstance(kwargs.get("inference_mode", False), bool):
             raise ValueError(f"{source}: 'inference_mode' must be true or false.")
+        for name, kind in (("base_model_name_or_path", str), ("revision", str), ("peft_version", str)):
+            if not isinstance(kwargs.get(name), (kind, type(None))):
+                raise ValueError(f"{source}: '{name}' must be a string or null, got {kwargs[name]!r}.")
+        if not isinstance(kwargs.get("auto_mapping"), (dict, type(None))):
+            raise ValueError(f"{source}: 'auto_mapping' must be an object or null, got {kwargs['auto_mapping']!r}.")
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:

@@ -10,10 +10,16 @@ import torch
 from torch import nn
 
 from lntune.checkpoint import (
+    CheckpointError,
+    IncompatibleKeys,
+    adapter_weights_path,
+    atomic_write_bytes,
     get_peft_model_state_dict,
-    load_adapter_weights,
-    save_adapter_weights,
+    read_adapter_weights,
+    restore_on_error,
+    serialize_adapter_weights,
     set_peft_model_state_dict,
+    write_adapter_weights,
 )
 from lntune.config import LNTuningConfig, TaskType
 from lntune.mixed_batch import check_batch_size
@@ -228,8 +234,21 @@ class PeftModel(nn.Module):
     ) -> None:
         """Write the adapters in PEFT's layout: ``default`` at the top, others in ``<dir>/<name>/``.
 
-        Each file is written to a temporary name and renamed, so an interrupted save never leaves a
-        half-written adapter over a good one. The tuned weights are saved even while merged.
+        Every adapter is serialized before any file is written, and each file is written to a
+        temporary name and renamed, so a failed or interrupted save never damages the previous files.
+        The tuned weights are saved even while merged (PEFT saves the originals then).
+
+        Args:
+            save_directory: The folder (created if needed).
+            safe_serialization: ``adapter_model.safetensors`` (default) or ``adapter_model.bin``; the other
+                format's stale file in the folder is removed once the new one is written.
+            selected_adapters: Adapters to save (default: all).
+            save_embedding_layers: Accepted for PEFT compatibility (the tuned copies are always saved).
+            is_main_process: Only the main process writes (distributed training).
+            **kwargs: Accepted for PEFT compatibility.
+
+        Example:
+            >>> model.save_pretrained("out")  # out/adapter_config.json, out/adapter_model.safetensors
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file; pass a folder.")
@@ -241,18 +260,20 @@ class PeftModel(nn.Module):
             )
         if not is_main_process:
             return
-        os.makedirs(save_directory, exist_ok=True)
-        for name in names:
+        files = {
+            name: serialize_adapter_weights(get_peft_model_state_dict(self, adapter_name=name), safe_serialization)
+            for name in names
+        }
+        for name, (file_name, data) in files.items():
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(folder, exist_ok=True)
-            state = get_peft_model_state_dict(self, adapter_name=name)
-            save_adapter_weights(state, folder, safe_serialization=safe_serialization)
+            write_adapter_weights(folder, file_name, data)
             self.peft_config[name].save_pretrained(folder)
+        os.makedirs(save_directory, exist_ok=True)
         readme = os.path.join(save_directory, "README.md")
         if not os.path.exists(readme):
             base = next(iter(self.peft_config.values())).base_model_name_or_path
-            with open(readme, "w", encoding="utf-8") as fh:
-                fh.write(_model_card(base))
+            atomic_write_bytes(readme, _model_card(base).encode("utf-8"))
 
     @classmethod
     def from_pretrained(
@@ -268,38 +289,41 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Load a saved adapter (lntune's or PEFT's) onto ``model``.
 
-        All-or-nothing: if the files are bad or do not fit, ``model`` is left exactly as it was and
-        the error names the file and key.
+        All-or-nothing: the config and weights are read and validated first; if anything is wrong or
+        does not fit (or loading is interrupted), ``model`` is left exactly as it was and the error
+        names the file and the key or field at fault.
 
         Args:
             model: The base model (modified in place on success).
             model_id: A local adapter folder.
-            adapter_name: Name to load the adapter under (any name works).
+            adapter_name: Name to load the adapter under (any name works, nested targets included).
             is_trainable: Keep the adapter trainable; otherwise it is frozen and the model is in eval mode.
-            config: Use this config instead of the folder's ``adapter_config.json``.
+            config: Use (a copy of) this config instead of the folder's ``adapter_config.json``.
             autocast_adapter_dtype: Keep float16/bfloat16 adapters in float32.
             low_cpu_mem_usage: Accepted for PEFT compatibility.
             **kwargs: ``subfolder`` is honoured; hub options (``revision``, ``token``...) are ignored.
 
         Returns:
             The task-specific `PeftModel`.
+
+        Example:
+            >>> model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), "out")
         """
-        folder = os.fspath(model_id)
-        if kwargs.get("subfolder"):
-            folder = os.path.join(folder, kwargs["subfolder"])
+        folder = _adapter_folder(model_id, kwargs.get("subfolder"))
         if config is None:
             config = LNTuningConfig.from_pretrained(folder)
-        elif not isinstance(config, LNTuningConfig):
+        elif isinstance(config, LNTuningConfig):
+            config = config.copy()
+        else:
             raise TypeError(f"config must be an LNTuningConfig, got {type(config).__name__}.")
-        weights = load_adapter_weights(folder)
+        weights_path = adapter_weights_path(folder)
+        weights = read_adapter_weights(weights_path)
         config.inference_mode = not is_trainable
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, strict=True)
-        except BaseException:
-            peft_model.base_model.unload()
-            raise
+        with restore_on_error(model, adapter_name):
+            with _naming_folder(folder, adapter_name):
+                peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            _fill_adapter(peft_model, weights, weights_path, adapter_name)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -313,31 +337,73 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
         **kwargs,
-    ):
+    ) -> IncompatibleKeys:
         """Load a saved adapter as a new, inactive adapter ``adapter_name`` (all-or-nothing).
 
-        Returns ``IncompatibleKeys`` (always empty: any mismatch raises and changes nothing).
+        On any error the existing adapters, the active adapter, the merge state and all gradients
+        flags are exactly as before, and no part of ``adapter_name`` remains.
+
+        Args:
+            model_id: A local adapter folder (lntune's or PEFT's).
+            adapter_name: A new name (loading under any name works, nested targets included).
+            is_trainable: Allow the adapter to train once activated; otherwise the model is put in eval mode.
+            torch_device: Accepted for PEFT compatibility (copies follow the model's device).
+            autocast_adapter_dtype: Keep float16/bfloat16 adapters in float32.
+            low_cpu_mem_usage: Accepted for PEFT compatibility.
+            **kwargs: ``subfolder`` is honoured; hub options are ignored.
+
+        Returns:
+            ``IncompatibleKeys`` (always empty: any mismatch raises and changes nothing).
+
+        Example:
+            >>> model.load_adapter("out/other", adapter_name="other")
+            >>> model.set_adapter("other")
         """
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"Adapter '{adapter_name}' already exists. Delete it first (delete_adapter), choose another "
                 "name, or replace its weights in place with lntune.hotswap_adapter."
             )
-        folder = os.fspath(model_id)
-        if kwargs.get("subfolder"):
-            folder = os.path.join(folder, kwargs["subfolder"])
+        folder = _adapter_folder(model_id, kwargs.get("subfolder"))
         config = LNTuningConfig.from_pretrained(folder)
-        weights = load_adapter_weights(folder)
+        weights_path = adapter_weights_path(folder)
+        weights = read_adapter_weights(weights_path)
         config.inference_mode = not is_trainable
-        self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
+        targeted = list(self.base_model.targeted_module_names)
         try:
-            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
+            with restore_on_error(self.base_model.model, adapter_name):
+                with _naming_folder(folder, adapter_name):
+                    self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
+                result = _fill_adapter(self, weights, weights_path, adapter_name)
         except BaseException:
-            self.base_model.delete_adapter(adapter_name)
+            self.base_model.peft_config.pop(adapter_name, None)
+            self.base_model.targeted_module_names = targeted
             raise
         if not is_trainable:
             self.eval()
         return result
+
+
+def _adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    folder = os.fspath(model_id)
+    return os.path.join(folder, subfolder) if subfolder else folder
+
+
+@contextmanager
+def _naming_folder(folder: str, adapter_name: str):
+    """Re-raise a config that does not fit the model (targets not found...) naming the adapter folder."""
+    try:
+        yield
+    except ValueError as exc:
+        raise CheckpointError(f"Cannot load adapter {folder} as '{adapter_name}': {exc}") from None
+
+
+def _fill_adapter(model: nn.Module, weights: dict, weights_path: str, adapter_name: str) -> IncompatibleKeys:
+    """Strictly copy ``weights`` into ``adapter_name``'s copies; errors name ``weights_path``."""
+    try:
+        return set_peft_model_state_dict(model, weights, adapter_name=adapter_name, strict=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{weights_path}: {exc}") from None
 
 
 class PeftModelForCausalLM(PeftModel):
