@@ -33,6 +33,8 @@ from lntune.modules_to_save import ModulesToSaveWrapper
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
 LN_KEY = "ln_tuning_layers"
+# Modules that FSDP1 (auto-wrap) and torch's checkpoint_wrapper insert into module paths; not part of keys.
+_WRAPPER_PREFIX = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 
 
 class IncompatibleKeys(NamedTuple):
@@ -230,6 +232,7 @@ def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _adapter_modules(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
     """``(checkpoint key prefix, tuned module)`` for every copy of ``adapter_name`` in ``model``."""
     for name, module in model.named_modules():
+        name = _WRAPPER_PREFIX.sub("", name)
         prefix = f"{name}." if name else ""
         if isinstance(module, LNTuningLayer) and adapter_name in module.ln_tuning_layers:
             yield f"{prefix}{LN_KEY}.", module.adapter_module(adapter_name)
