@@ -354,3 +354,17 @@ def test_user_config_object_is_not_changed_on_failure(folder):
     with pytest.raises(CheckpointError):
         PeftModel.from_pretrained(make_tiny_model("bert"), folder, config=config)
     assert config.to_dict() == before
+
+
+def test_saved_base_weights_that_differ_are_refused(tmp_path, perturb):
+    """PEFT-style ``base_layer`` keys (embedding targets) must equal the base model's: lntune never changes it."""
+    save_tuned("llama", tmp_path, perturb, target_modules=["embed_tokens", "norm"])
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    edit_tensors(set_key(key, make_tiny_model("llama").model.embed_tokens.weight.detach().clone()))(str(tmp_path))
+    PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path)  # equal originals: accepted
+    other_base = make_tiny_model("llama", seed=1)
+    before = snapshot(other_base)
+    with pytest.raises(CheckpointError) as info:
+        PeftModel.from_pretrained(other_base, tmp_path)
+    assert_message(info.value, [os.path.join(tmp_path, ST), key, "base-model weights"])
+    assert_unchanged(before, snapshot(other_base))

@@ -167,3 +167,17 @@ def test_peft_bf16_adapter_loads_into_float32_copies(tmp_path, perturb):
     with torch.no_grad():
         ids = make_inputs("llama")
         torch.testing.assert_close(ours(**ids).logits, trained.eval()(**ids).logits, rtol=0, atol=1e-2)
+
+
+def test_peft_embedding_target_with_saved_originals_loads(tmp_path, perturb):
+    """PEFT saves the frozen original of an embedding target too; lntune accepts it when it matches the base."""
+    trained = peft.get_peft_model(
+        make_tiny_model("llama"), peft.LNTuningConfig(target_modules=["embed_tokens", "norm"])
+    )
+    perturb(trained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained.save_pretrained(tmp_path)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in peft.utils.load_peft_weights(str(tmp_path))
+    ours = lntune.PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path, adapter_name="x")
+    torch.testing.assert_close(output(ours, "llama"), output(trained.eval(), "llama"), rtol=0, atol=ATOL)

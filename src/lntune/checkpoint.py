@@ -229,15 +229,41 @@ def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------ state dicts
-def _adapter_modules(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
-    """``(checkpoint key prefix, tuned module)`` for every copy of ``adapter_name`` in ``model``."""
+def _wrappers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, LNTuningLayer | ModulesToSaveWrapper]]:
+    """``(checkpoint key prefix, wrapper)`` for every wrapper in ``model`` that holds ``adapter_name``."""
     for name, module in model.named_modules():
         name = _WRAPPER_PREFIX.sub("", name)
         prefix = f"{name}." if name else ""
-        if isinstance(module, LNTuningLayer) and adapter_name in module.ln_tuning_layers:
-            yield f"{prefix}{LN_KEY}.", module.adapter_module(adapter_name)
-        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            yield prefix, module.modules_to_save[adapter_name]
+        if isinstance(module, LNTuningLayer):
+            copies = module.ln_tuning_layers
+        elif isinstance(module, ModulesToSaveWrapper):
+            copies = module.modules_to_save
+        else:
+            continue
+        if adapter_name in copies:
+            yield prefix, module
+
+
+def _adapter_modules(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
+    """``(checkpoint key prefix, tuned module)`` for every copy of ``adapter_name`` in ``model``."""
+    for prefix, wrapper in _wrappers(model, adapter_name):
+        if isinstance(wrapper, LNTuningLayer):
+            yield f"{prefix}{LN_KEY}.", wrapper.adapter_module(adapter_name)
+        else:
+            yield prefix, wrapper.modules_to_save[adapter_name]
+
+
+def _original_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``<path>.base_layer.<param>`` -> the pristine tensor of every LN target of ``adapter_name``.
+
+    PEFT also saves these frozen originals when a target is an embedding layer (save_embedding_layers).
+    """
+    return {
+        f"{prefix}base_layer.{key}": tensor
+        for prefix, wrapper in _wrappers(_unwrap(model), adapter_name)
+        if isinstance(wrapper, LNTuningLayer)
+        for key, tensor in wrapper.original_module.state_dict().items()
+    }
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -286,37 +312,59 @@ def _resolve_key(key: str, expected: dict[str, torch.Tensor]) -> str | None:
     return candidate if candidate in expected else None
 
 
+def _check_tensor(key: str, value: torch.Tensor, have: torch.Tensor) -> None:
+    """Raise `CheckpointError` unless ``value`` can be copied into ``have`` (floating values of any precision)."""
+    if tuple(value.shape) != tuple(have.shape):
+        raise CheckpointError(
+            f"Shape mismatch for '{key}': checkpoint has {tuple(value.shape)}, the model expects "
+            f"{tuple(have.shape)}. Was the adapter trained on a model of another size?"
+        )
+    if have.is_floating_point() != value.is_floating_point() or value.is_complex():
+        raise CheckpointError(
+            f"dtype mismatch for '{key}': checkpoint has {value.dtype}, the model {have.dtype} (floating "
+            "tensors of any precision are cast; integer, bool or complex ones are refused)."
+        )
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise CheckpointError(f"'{key}' holds NaN or infinite values; the adapter is broken (diverged training?).")
+
+
+def _check_original(key: str, value: torch.Tensor, have: torch.Tensor) -> None:
+    """A saved frozen original (PEFT's embedding targets) must equal the model's: lntune never changes it."""
+    same = tuple(value.shape) == tuple(have.shape) and torch.equal(value.to(have.dtype), have.detach().cpu())
+    if not same:
+        raise CheckpointError(
+            f"'{key}' holds base-model weights (PEFT saves them for embedding targets) that differ from this "
+            "model's; lntune loads adapter weights only and never changes the base model. Load the adapter onto "
+            "the base model it was trained on (same vocabulary size)."
+        )
+
+
 def check_peft_model_state_dict(
     model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
 ) -> tuple[dict[str, str], IncompatibleKeys]:
     """Match a checkpoint against the model's copies of ``adapter_name`` without changing anything.
 
-    Returns ``({checkpoint key: model key}, IncompatibleKeys)``. Raises `CheckpointError` for a shape
-    mismatch or a non-floating tensor where a floating one is expected, naming the key.
+    Returns ``({checkpoint key: model key}, IncompatibleKeys)``. Raises `CheckpointError`, naming the
+    key, for a shape mismatch, an integer/bool/complex or non-finite tensor, two tensors for one key, or
+    saved base weights (``<path>.base_layer.<param>``, PEFT's embedding targets) that differ from the
+    model's; equal ones are accepted and skipped.
     """
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    originals: dict[str, torch.Tensor] | None = None
     mapping: dict[str, str] = {}
     unexpected: list[str] = []
     for key, value in peft_model_state_dict.items():
         target = _resolve_key(key, expected)
         if target is None:
-            unexpected.append(key)
+            originals = _original_tensors(model, adapter_name) if originals is None else originals
+            if key in originals:
+                _check_original(key, value, originals[key])
+            else:
+                unexpected.append(key)
             continue
         if target in mapping.values():
             raise CheckpointError(f"Checkpoint has two tensors for '{target}' (one is '{key}').")
-        have = expected[target]
-        if tuple(value.shape) != tuple(have.shape):
-            raise CheckpointError(
-                f"Shape mismatch for '{key}': checkpoint has {tuple(value.shape)}, the model expects "
-                f"{tuple(have.shape)}. Was the adapter trained on a model of another size?"
-            )
-        if have.is_floating_point() != value.is_floating_point() or value.is_complex():
-            raise CheckpointError(
-                f"dtype mismatch for '{key}': checkpoint has {value.dtype}, the model {have.dtype} (floating "
-                "tensors of any precision are cast; integer, bool or complex ones are refused)."
-            )
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"'{key}' holds NaN or infinite values; the adapter is broken (diverged training?).")
+        _check_tensor(key, value, expected[target])
         mapping[key] = target
     missing = sorted(set(expected) - set(mapping.values()))
     return mapping, IncompatibleKeys(missing, sorted(unexpected))
