@@ -368,3 +368,24 @@ def test_saved_base_weights_that_differ_are_refused(tmp_path, perturb):
         PeftModel.from_pretrained(other_base, tmp_path)
     assert_message(info.value, [os.path.join(tmp_path, ST), key, "base-model weights"])
     assert_unchanged(before, snapshot(other_base))
+
+
+def test_from_pretrained_on_an_already_wrapped_model_is_refused(good_folder, perturb):
+    """Wrapping the same base twice would overwrite the first PeftModel's tuned copies: refused, nothing lost."""
+    first = loaded_model(good_folder, perturb, merged=False)
+    before = snapshot(first)
+    with pytest.raises(ValueError, match="already contains lntune adapters"):
+        PeftModel.from_pretrained(first.get_base_model(), good_folder)
+    with pytest.raises(ValueError, match="already contains lntune adapters"):
+        PeftModel.from_pretrained(first.get_base_model(), good_folder, adapter_name="other")
+    assert_unchanged(before, snapshot(first))
+
+
+def test_restore_on_error_refuses_an_existing_adapter_name(good_folder, perturb):
+    from lntune.checkpoint import restore_on_error
+
+    model = loaded_model(good_folder, perturb, merged=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already holds adapter 'default'"), restore_on_error(model, "default"):
+        raise AssertionError("not reached")
+    assert_unchanged(before, snapshot(model))

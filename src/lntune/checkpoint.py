@@ -440,12 +440,18 @@ def restore_on_error(root: nn.Module, adapter_name: str) -> Iterator[None]:
 
     Args:
         root: The model the adapter is added to (the base model, not the `PeftModel`).
-        adapter_name: The adapter being added; it must not have existed before.
+        adapter_name: The adapter being added; ``ValueError`` (before anything runs) if ``root`` holds it.
 
     Example:
         >>> with restore_on_error(model, "new"):
         ...     LNTuningModel(model, config, "new")  # raises: model is as it was
     """
+    holder = next(_wrappers(root, adapter_name), None)
+    if holder is not None:
+        raise ValueError(
+            f"The model already holds adapter '{adapter_name}' (at '{holder[0].rstrip('.')}'); adding it again "
+            "would overwrite it. Load under another name, or start from a fresh base model (or unload() first)."
+        )
     existing = {id(m) for m in root.modules() if isinstance(m, _WRAPPERS)}
     grads = [(p, p.requires_grad) for p in root.parameters()]
     try:

@@ -22,8 +22,10 @@ from lntune.checkpoint import (
     write_adapter_weights,
 )
 from lntune.config import LNTuningConfig, TaskType
+from lntune.layer import LNTuningLayer
 from lntune.mixed_batch import check_batch_size
 from lntune.model import LNTuningModel
+from lntune.modules_to_save import ModulesToSaveWrapper
 
 _CLASSIFIER_MODULES = ["classifier", "score"]
 
@@ -309,6 +311,12 @@ class PeftModel(nn.Module):
         Example:
             >>> model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), "out")
         """
+        if any(isinstance(m, (LNTuningLayer, ModulesToSaveWrapper)) for m in model.modules()):
+            raise ValueError(
+                "The model passed to from_pretrained already contains lntune adapters (it was given to "
+                "get_peft_model or from_pretrained before). Call load_adapter on that PeftModel, or pass a "
+                "fresh base model (or the result of unload())."
+            )
         folder = _adapter_folder(model_id, kwargs.get("subfolder"))
         if config is None:
             config = LNTuningConfig.from_pretrained(folder)
