@@ -171,12 +171,15 @@ class LNTuningLayer(nn.Module):
     def set_batch_adapters(self, batch: BatchAdapters | None) -> None:
         """Route each sample of the next forwards through its own adapter (``None`` to stop)."""
         self._batch_adapters = batch
-        self._refresh()
+        self._select_forward()
 
     def _refresh(self) -> None:
-        """Precompute what forward calls, from the current state (see the module docstring)."""
+        """Recompute the compute dtype and what forward calls, from the current state (see the module docstring)."""
         self._compute_dtype = float_dtype(self.original_module)
         self._runners.clear()
+        self._select_forward()
+
+    def _select_forward(self) -> None:
         module: nn.Module | None
         if self._disable_adapters:
             module = self.original_module

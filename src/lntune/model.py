@@ -437,10 +437,10 @@ class LNTuningModel(nn.Module):
             return
         names = list(adapter_names)
         self._check_adapters([n for n in set(names) if n != BASE_ADAPTER_NAME])
-        if self.merged:
+        modules = [m for _, m in self.tuner_modules()]  # one walk of the model per forward
+        if any(isinstance(m, LNTuningLayer) and m.merged for m in modules):
             raise ValueError("Cannot use adapter_names while an adapter is merged; call unmerge_adapter() first.")
         batch = BatchAdapters.from_names(names)
-        modules = [m for _, m in self.tuner_modules()]
         for module in modules:
             module.set_batch_adapters(batch)
         try:

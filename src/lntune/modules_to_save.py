@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lntune.mixed_batch import BASE_ADAPTER_NAME, BatchAdapters, grouped_forward
+from lntune.mixed_batch import BatchAdapters, grouped_forward
 from lntune.precision import float_dtype, runner
 
 
@@ -102,8 +102,8 @@ class ModulesToSaveWrapper(nn.Module):
         if batch is None or self._disable_adapters:
             return runner(self.active_module(), dtype)(*args, **kwargs)
         tensor = next(v for v in (*args, *kwargs.values()) if hasattr(v, "shape"))
-        modules = [self.original_module if n == BASE_ADAPTER_NAME else self.module_for(n) for n in batch.names]
-        return grouped_forward([runner(m, dtype) for m in modules], batch.index_for(tensor), args, kwargs)
+        runs = [runner(m, dtype) for m in batch.modules_of(self)]
+        return grouped_forward(runs, batch.index_for(tensor), args, kwargs)
 
     def __repr__(self) -> str:
         return "lntune." + super().__repr__()

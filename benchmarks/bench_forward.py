@@ -1,0 +1,72 @@
+"""Forward overhead of the LN tuning wrapper against the bare model, lntune and PEFT side by side.
+
+    python benchmarks/bench_forward.py [--quick] [--threads 1] [--device cpu|cuda]
+
+Shapes: a deep narrow Llama (48 layers, hidden 64) at batch 1 x seq 8, where the per-norm-call cost
+of a wrapper shows most (97 wrapped norms), and a larger one (8 layers, hidden 512, batch 4 x seq 128).
+Variants: the bare model, lntune and PEFT with the adapter active, and both merged. Inference under
+``torch.no_grad()``; targets: lntune within 1% of the bare model.
+"""
+
+from __future__ import annotations
+
+import torch
+from timing import (
+    TIME_HEADERS,
+    interleaved,
+    llama,
+    lntune_model,
+    parser,
+    peft_model,
+    setup,
+    summarize,
+    table,
+    token_ids,
+)
+
+SHAPES = {
+    "deep narrow: 48 layers, hidden 64, batch 1 x seq 8": dict(layers=48, hidden=64, batch=1, seq=8),
+    "larger: 8 layers, hidden 512, batch 4 x seq 128": dict(layers=8, hidden=512, batch=4, seq=128),
+}
+QUICK_SHAPES = {
+    "deep narrow: 12 layers, hidden 64, batch 1 x seq 8": dict(layers=12, hidden=64, batch=1, seq=8),
+    "larger: 2 layers, hidden 256, batch 2 x seq 64": dict(layers=2, hidden=256, batch=2, seq=64),
+}
+
+
+def bench_shape(layers: int, hidden: int, batch: int, seq: int, args) -> list[list[str]]:
+    base = llama(layers, hidden).to(args.device)
+    ids = token_ids(batch, seq, device=args.device)
+    lnt, pft = lntune_model(base), peft_model(base)
+    lnt_merged, pft_merged = lntune_model(base), peft_model(base)
+    lnt_merged.merge_adapter()
+    pft_merged.merge_adapter()
+    models = {
+        "bare model": base,
+        "lntune": lnt,
+        "PEFT": pft,
+        "lntune merged": lnt_merged,
+        "PEFT merged": pft_merged,
+    }
+
+    def forward(model):
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids)
+
+        return run
+
+    samples = interleaved({name: forward(m) for name, m in models.items()}, args.rounds, args.device)
+    return summarize(samples, baseline="bare model")
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    setup(args)
+    for title, shape in (QUICK_SHAPES if args.quick else SHAPES).items():
+        print(f"### Forward, {title}\n")
+        print(table(TIME_HEADERS, bench_shape(**shape, args=args)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

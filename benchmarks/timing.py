@@ -1,0 +1,138 @@
+"""Shared helpers of the speed benchmarks: interleaved timing, tiny Llama models, markdown tables.
+
+Every benchmark times its variants round-robin in one process (variant A, B, C, A, B, C...), so that
+noise from other processes hits all of them alike, and reports the median with min and max over the
+rounds. Run any script with ``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark shares."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="few rounds and small shapes: checks that it runs")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 15, quick: 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Apply ``--threads``, fill in ``--rounds`` and print the environment line."""
+    import peft
+    import transformers
+
+    warnings.filterwarnings("ignore")  # PEFT's "Unsupported layer type" and Transformers deprecations
+    torch.set_num_threads(args.threads)
+    args.rounds = args.rounds or (3 if args.quick else 15)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+        f"device {args.device} ({device}); torch threads {torch.get_num_threads()}; "
+        f"{args.rounds} interleaved rounds{' (--quick)' if args.quick else ''}\n"
+    )
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, device: str = "cpu", min_time: float = 0.05
+) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``rounds`` samples each, taken round-robin.
+
+    Each function is warmed up and calibrated to run at least ``min_time`` seconds per sample; the
+    order of the functions rotates every round.
+    """
+    loops = {}
+    for name, fn in fns.items():
+        fn()
+        sync(device)
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < min_time / 2 or n < 2:
+            fn()
+            n += 1
+        sync(device)
+        loops[name] = max(1, int(n * min_time / (time.perf_counter() - start) * 0.5 + 0.5))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, n = fns[name], loops[name]
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - start) / n)
+    return samples
+
+
+def summarize(samples: dict[str, list[float]], baseline: str | None = None, unit: float = 1e-3) -> list[list[str]]:
+    """Rows ``[name, median, min, max, ratio to baseline's median]`` (times in ``unit`` seconds)."""
+    base = statistics.median(samples[baseline]) if baseline else None
+    rows = []
+    for name, values in samples.items():
+        med = statistics.median(values)
+        ratio = f"{med / base:.3f}x" if base else ""
+        rows.append([name, f"{med / unit:.3f}", f"{min(values) / unit:.3f}", f"{max(values) / unit:.3f}", ratio])
+    return rows
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def llama(layers: int, hidden: int, heads: int = 4, vocab: int = 256, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised Llama causal LM (nothing is downloaded), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def lntune_model(base: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """``lntune.get_peft_model`` on a deep copy of ``base`` (default Llama targets)."""
+    import lntune
+
+    return lntune.get_peft_model(copy.deepcopy(base), lntune.LNTuningConfig(task_type="CAUSAL_LM"), **kwargs)
+
+
+def peft_model(base: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """PEFT's ``get_peft_model`` with its LN tuning on a deep copy of ``base``."""
+    import peft
+
+    return peft.get_peft_model(copy.deepcopy(base), peft.LNTuningConfig(task_type="CAUSAL_LM"), **kwargs)
+
+
+def token_ids(batch: int, seq: int, vocab: int = 256, device: str = "cpu", seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+TIME_HEADERS = ["variant", "median ms", "min ms", "max ms", "vs baseline"]
