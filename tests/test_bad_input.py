@@ -389,3 +389,30 @@ def test_restore_on_error_refuses_an_existing_adapter_name(good_folder, perturb)
     with pytest.raises(ValueError, match="already holds adapter 'default'"), restore_on_error(model, "default"):
         raise AssertionError("not reached")
     assert_unchanged(before, snapshot(model))
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "load_adapter"])
+def test_failure_midway_through_injection_rolls_back(good_folder, perturb, monkeypatch, how):
+    """Some layers already wrapped when the error hits: every one of them is put back."""
+    from lntune.model import LNTuningModel
+
+    real = LNTuningModel._create_and_replace
+    calls = {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory")
+        return real(self, *args, **kwargs)
+
+    model = make_tiny_model("llama") if how == "from_pretrained" else loaded_model(good_folder, perturb, merged=True)
+    before = snapshot(model)
+    monkeypatch.setattr(LNTuningModel, "_create_and_replace", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        if how == "from_pretrained":
+            PeftModel.from_pretrained(model, good_folder)
+        else:
+            model.load_adapter(good_folder, adapter_name="new")
+    monkeypatch.undo()
+    assert calls["n"] == 3
+    assert_unchanged(before, snapshot(model))
