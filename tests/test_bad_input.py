@@ -148,7 +148,7 @@ CASES = [
     ("peft_type-lora", edit_config(peft_type="LORA"), ValueError, ["{cfg}", "peft_type", "LORA"]),
     ("modules_to_save-dict", edit_config(modules_to_save={"a": 1}), ValueError, ["{cfg}", "modules_to_save"]),
     ("revision-list", edit_config(revision=[1]), ValueError, ["{cfg}", "revision"]),
-    ("targets-absent", edit_config(target_modules=["ln_f"]), ValueError, ["{dir}", "ln_f"]),
+    ("targets-absent", edit_config(target_modules=["ln_f"]), ValueError, ["{cfg}", "ln_f"]),
     ("missing-key", edit_tensors(lambda t: t.pop(KEY)), CheckpointError, ["{st}", "missing", KEY]),
     (
         "unexpected-key",

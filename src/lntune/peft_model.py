@@ -21,7 +21,7 @@ from lntune.checkpoint import (
     set_peft_model_state_dict,
     write_adapter_weights,
 )
-from lntune.config import LNTuningConfig, TaskType
+from lntune.config import CONFIG_NAME, LNTuningConfig, TaskType
 from lntune.layer import LNTuningLayer
 from lntune.mixed_batch import check_batch_size
 from lntune.model import LNTuningModel
@@ -318,6 +318,7 @@ class PeftModel(nn.Module):
                 "fresh base model (or the result of unload())."
             )
         folder = _adapter_folder(model_id, kwargs.get("subfolder"))
+        config_source = "the config argument" if config is not None else os.path.join(folder, CONFIG_NAME)
         if config is None:
             config = LNTuningConfig.from_pretrained(folder)
         elif isinstance(config, LNTuningConfig):
@@ -329,7 +330,7 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
         with restore_on_error(model, adapter_name):
-            with _naming_folder(folder, adapter_name):
+            with _naming_folder(folder, adapter_name, config_source):
                 peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             _fill_adapter(peft_model, weights, weights_path, adapter_name)
         if not is_trainable:
@@ -380,7 +381,7 @@ class PeftModel(nn.Module):
         targeted = list(self.base_model.targeted_module_names)
         try:
             with restore_on_error(self.base_model.model, adapter_name):
-                with _naming_folder(folder, adapter_name):
+                with _naming_folder(folder, adapter_name, os.path.join(folder, CONFIG_NAME)):
                     self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
                 result = _fill_adapter(self, weights, weights_path, adapter_name)
         except BaseException:
@@ -398,12 +399,14 @@ def _adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
 
 
 @contextmanager
-def _naming_folder(folder: str, adapter_name: str):
-    """Re-raise a config that does not fit the model (targets not found...) naming the adapter folder."""
+def _naming_folder(folder: str, adapter_name: str, config_source: str):
+    """Re-raise a config that does not fit the model (targets not found...) naming the folder and config."""
     try:
         yield
     except ValueError as exc:
-        raise CheckpointError(f"Cannot load adapter {folder} as '{adapter_name}': {exc}") from None
+        raise CheckpointError(
+            f"Cannot load adapter {folder} as '{adapter_name}' (config: {config_source}): {exc}"
+        ) from None
 
 
 def _fill_adapter(model: nn.Module, weights: dict, weights_path: str, adapter_name: str) -> IncompatibleKeys:
