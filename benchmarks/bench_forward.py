@@ -10,12 +10,12 @@ Variants: the bare model, lntune and PEFT with the adapter active, and both merg
 
 from __future__ import annotations
 
-import torch
 from timing import (
     TIME_HEADERS,
     interleaved,
     llama,
     lntune_model,
+    no_grad_forward,
     parser,
     peft_model,
     setup,
@@ -49,14 +49,7 @@ def bench_shape(layers: int, hidden: int, batch: int, seq: int, args) -> list[li
         "PEFT merged": pft_merged,
     }
 
-    def forward(model):
-        def run():
-            with torch.no_grad():
-                model(input_ids=ids)
-
-        return run
-
-    samples = interleaved({name: forward(m) for name, m in models.items()}, args.rounds, args.device)
+    samples = interleaved({name: no_grad_forward(m, ids) for name, m in models.items()}, args.rounds, args.device)
     return summarize(samples, baseline="bare model")
 
 

@@ -135,4 +135,14 @@ def token_ids(batch: int, seq: int, vocab: int = 256, device: str = "cpu", seed:
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
 
 
+def no_grad_forward(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """A function that runs ``model(input_ids=ids)`` under ``torch.no_grad()``."""
+
+    def run() -> None:
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    return run
+
+
 TIME_HEADERS = ["variant", "median ms", "min ms", "max ms", "vs baseline"]
