@@ -128,3 +128,14 @@ def test_wrong_length_unknown_names_and_merged_are_refused(perturb):
         model(**inputs, adapter_names=NAMES)
     layers = [m for m in model.modules() if isinstance(m, LNTuningLayer)]
     assert all(layer._batch_adapters is None for layer in layers)
+
+
+def test_training_a_mixed_batch_with_gradient_checkpointing_is_refused(perturb):
+    model = _two_adapters("llama", perturb)
+    model.base_model.model.gradient_checkpointing_enable()
+    inputs = make_inputs("llama", batch=len(NAMES))
+    with torch.no_grad():
+        model(**inputs, adapter_names=NAMES)  # inference recomputes nothing: allowed
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(**inputs, adapter_names=NAMES)
