@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import make_inputs, make_tiny_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lntune import LNTuningConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -92,12 +92,8 @@ def _fsdp2_worker(rank: int, out: Path) -> dict:
     fully_shard(model, mesh=mesh)
     sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
     _train(model, _batch(rank))
-    # Gather only the adapter (collective: every rank calls full_tensor), then rank 0 writes PEFT's two files.
-    state = {k: v.full_tensor() for k, v in get_peft_model_state_dict(model).items()}
-    if rank == 0:
-        (out / "adapter").mkdir()
-        save_file(state, out / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
-        model.peft_config["default"].save_pretrained(out / "adapter")
+    # Called on every rank: all gather the sharded adapters (DTensors), rank 0 writes.
+    model.save_pretrained(out / "adapter", is_main_process=rank == 0)
     params = {n: p.full_tensor() for n, p in model.named_parameters()}
     return {"params": params, "sharded": sharded}
 

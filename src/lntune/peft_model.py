@@ -44,6 +44,11 @@ def _model_card(base_model: str | None) -> str:
     return "\n".join(lines)
 
 
+def _gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with sharded DTensors (FSDP2) gathered in full: a collective, every rank must call it."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+
+
 class PeftModel(nn.Module):
     """A model with LN tuning adapters, with the API of ``peft.PeftModel``.
 
@@ -246,7 +251,8 @@ class PeftModel(nn.Module):
                 format's stale file in the folder is removed once the new one is written.
             selected_adapters: Adapters to save (default: all).
             save_embedding_layers: Accepted for PEFT compatibility (the tuned copies are always saved).
-            is_main_process: Only the main process writes (distributed training).
+            is_main_process: Only the main process writes (distributed training). Under FSDP2
+                (``fully_shard``) call it on every rank: the sharded adapter is gathered collectively.
             **kwargs: Accepted for PEFT compatibility.
 
         Example:
@@ -260,12 +266,11 @@ class PeftModel(nn.Module):
             raise ValueError(
                 f"selected_adapters {unknown} do not exist. Existing adapters: {sorted(self.peft_config)}."
             )
+        # FSDP2 shards parameters as DTensors: every rank takes part in gathering them, then only the main writes.
+        states = {name: _gathered(get_peft_model_state_dict(self, adapter_name=name)) for name in names}
         if not is_main_process:
             return
-        files = {
-            name: serialize_adapter_weights(get_peft_model_state_dict(self, adapter_name=name), safe_serialization)
-            for name in names
-        }
+        files = {name: serialize_adapter_weights(states[name], safe_serialization) for name in names}
         for name, (file_name, data) in files.items():
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(folder, exist_ok=True)
