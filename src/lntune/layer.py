@@ -122,7 +122,7 @@ class LNTuningLayer(nn.Module):
         for name in self.ln_tuning_layers:
             self.adapter_module(name).requires_grad_(name in names and not inference_mode)
         self.original_module.requires_grad_(False)
-        self._refresh()
+        self._select_forward()  # modules and dtypes are unchanged: the cached runners stay valid
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Toggle gradients of the named adapters' copies only (the original is never touched)."""
@@ -134,7 +134,7 @@ class LNTuningLayer(nn.Module):
     def enable_adapters(self, enabled: bool) -> None:
         """Disabled layers run the original module; the merge state and gradients are left alone."""
         self._disable_adapters = not enabled
-        self._refresh()
+        self._select_forward()
 
     # ---------------------------------------------------------------------------------- merge
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
