@@ -1,13 +1,15 @@
-"""LN tuning under DDP, FSDP2 (``fully_shard``) and FSDP1 (``use_orig_params=True``), 2 processes on CPU/gloo.
+"""LN tuning under DDP (with and without gradient checkpointing), FSDP2 and FSDP1: 2 processes on CPU/gloo.
 
-Each test runs this file as a script in two worker processes (torchrun's RANK/WORLD_SIZE variables,
-rendezvous through a file in ``tmp_path``, so no port can collide). Every rank trains a tiny Llama on its
-half of a batch and rank 0 saves the adapter; the test compares the results with one process training
-on the whole batch. A hung worker is killed after `WORKER_TIMEOUT_S` and the test fails with its output.
+The module runs this file as a script in two worker processes, once for all scenarios (`WORKERS`):
+torchrun's RANK/WORLD_SIZE variables, rendezvous through a file in a temporary folder (no port can
+collide). In each scenario every rank trains a tiny Llama on its half of a batch and rank 0 saves the
+adapter; the tests compare the results with one process training on the whole batch. Hung workers are
+killed after `WORKER_TIMEOUT_S` and the tests fail with their output.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -55,9 +57,9 @@ def _train(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
         optimizer.zero_grad()
 
 
-def _clean(name: str) -> str:
-    """A parameter name without the wrapper prefixes of DDP (``module.``) and FSDP1."""
-    return name.removeprefix("module.").replace("_fsdp_wrapped_module.", "")
+def _without_fsdp1_wrappers(name: str) -> str:
+    """A parameter name without the ``_fsdp_wrapped_module.`` that FSDP1's nested wrappers add."""
+    return name.replace("_fsdp_wrapped_module.", "")
 
 
 # --------------------------------------------------------------------------------- workers
@@ -79,6 +81,21 @@ def _ddp_worker(rank: int, out: Path) -> dict:
     ddp.module.save_pretrained(out / "adapter", is_main_process=rank == 0)
     params = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
     return {"params": params, "synced": synced}
+
+
+def _ddp_checkpointed_worker(rank: int, out: Path, use_reentrant: bool) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model()
+    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    copy = model.get_base_model().model.layers[0].input_layernorm.ln_tuning_layers["default"]
+    calls = []
+    copy.register_forward_hook(lambda *_: calls.append(1))
+    ddp = DistributedDataParallel(model)
+    _train(ddp, _batch(rank))
+    ddp.module.save_pretrained(out / "adapter", is_main_process=rank == 0)
+    params = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    return {"params": params, "forward_calls": len(calls)}
 
 
 def _fsdp2_worker(rank: int, out: Path) -> dict:
@@ -113,11 +130,17 @@ def _fsdp1_worker(rank: int, out: Path) -> dict:
     _train(fsdp, _batch(rank))
     with FullyShardedDataParallel.summon_full_params(fsdp, writeback=False):
         fsdp.module.save_pretrained(out / "adapter", is_main_process=rank == 0)
-        params = {_clean(n): p.detach().clone() for n, p in fsdp.module.named_parameters()}
+        params = {_without_fsdp1_wrappers(n): p.detach().clone() for n, p in fsdp.module.named_parameters()}
     return {"params": params}
 
 
-WORKERS = {"ddp": _ddp_worker, "fsdp2": _fsdp2_worker, "fsdp1": _fsdp1_worker}
+WORKERS = {
+    "ddp": _ddp_worker,
+    "ddp_checkpointing": functools.partial(_ddp_checkpointed_worker, use_reentrant=False),
+    "ddp_checkpointing_reentrant": functools.partial(_ddp_checkpointed_worker, use_reentrant=True),
+    "fsdp2": _fsdp2_worker,
+    "fsdp1": _fsdp1_worker,
+}
 
 
 def _worker_main(out: Path, scenarios: list[str]) -> None:
@@ -216,9 +239,8 @@ def _check_training(results: list[dict], single: PeftModel, out: Path) -> None:
         torch.testing.assert_close(value, expected[key].detach(), atol=1e-6, rtol=0, msg=key)
     loaded = PeftModel.from_pretrained(make_tiny_model("llama"), saved)
     batch = _batch()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, single.eval()(**batch).logits, atol=1e-5, rtol=0)
-    single.train()
+    with torch.no_grad():  # no dropout in the tiny Llama: train and eval mode compute the same
+        torch.testing.assert_close(loaded(**batch).logits, single(**batch).logits, atol=1e-5, rtol=0)
 
 
 def test_ddp_syncs_only_the_adapter(launched: tuple[Path, str], single_process: PeftModel) -> None:
@@ -229,6 +251,13 @@ def test_ddp_syncs_only_the_adapter(launched: tuple[Path, str], single_process: 
         assert len(result["synced"]) == STEPS, f"rank {rank}: expected one bucket per step, got {result['synced']}"
         for bucket in result["synced"]:
             assert bucket == adapter, f"rank {rank}: DDP synchronised {bucket}, expected only {adapter}"
+
+
+@pytest.mark.parametrize("scenario", ["ddp_checkpointing", "ddp_checkpointing_reentrant"])
+def test_ddp_with_gradient_checkpointing(launched: tuple[Path, str], single_process: PeftModel, scenario: str) -> None:
+    results = _results(launched, scenario)
+    assert [r["forward_calls"] for r in results] == [2 * STEPS] * WORLD_SIZE, "blocks were not recomputed"
+    _check_training(results, single_process, launched[0] / scenario)
 
 
 def test_fsdp2_fully_shard(launched: tuple[Path, str], single_process: PeftModel) -> None:
