@@ -102,6 +102,42 @@ def test_get_peft_model_basics(capsys):
     assert model.config is base.config  # attribute fall-through to the base model
 
 
+@pytest.mark.parametrize(
+    ("task", "auto_class", "head"),
+    [
+        ("SEQ_CLS", "AutoModelForSequenceClassification", "classifier"),
+        ("TOKEN_CLS", "AutoModelForTokenClassification", "classifier"),
+        ("QUESTION_ANS", "AutoModelForQuestionAnswering", "qa_outputs"),
+        ("FEATURE_EXTRACTION", "AutoModel", None),
+    ],
+)
+def test_task_variants_train_their_head(task, auto_class, head):
+    import transformers
+
+    config = copy.deepcopy(make_tiny_model("bert").config)
+    config.num_labels = 2
+    torch.manual_seed(0)
+    base = getattr(transformers, auto_class).from_config(config).eval()
+    model = get_peft_model(base, LNTuningConfig(task_type=task))
+    assert type(model) is lntune.peft_model.MODEL_TYPE_TO_PEFT_MODEL[TaskType(task)]
+    inputs = make_inputs("bert")
+    labels = {
+        "SEQ_CLS": {"labels": torch.tensor([0, 1])},
+        "TOKEN_CLS": {"labels": torch.zeros(2, 8, dtype=torch.long)},
+        "QUESTION_ANS": {"start_positions": torch.tensor([0, 1]), "end_positions": torch.tensor([2, 3])},
+        "FEATURE_EXTRACTION": {},
+    }[task]
+    out = model(**inputs, **labels)
+    loss = out.loss if head else out.last_hidden_state.square().mean()
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable_names(model)
+    if head:
+        assert f"base_model.model.{head}.modules_to_save.default.weight" in with_grad
+    else:
+        assert model.modules_to_save is None
+
+
 def test_get_peft_model_refuses_other_configs_and_mixed():
     with pytest.raises(TypeError, match="LNTuningConfig"):
         get_peft_model(make_tiny_model("mlp"), {"target_modules": ["lin0"]})
@@ -263,6 +299,54 @@ def test_disable_adapter_context_and_layers(perturb):
     assert torch.equal(model_output(model, LLAMA_X), base_out) and trainable_names(model) == set()
     model.enable_adapter_layers()
     assert torch.equal(model_output(model, LLAMA_X), tuned) and trainable_names(model) == names
+
+
+@pytest.mark.parametrize("disable", ["context", "layers"])
+def test_adapter_added_while_disabled_stays_disabled(perturb, disable):
+    model = get_peft_model(make_tiny_model("llama"), LNTuningConfig(target_modules=["norm"]))
+    base_out = model_output(make_tiny_model("llama"), LLAMA_X).detach()
+
+    def add_and_check():
+        model.add_adapter("new", LNTuningConfig(target_modules=["input_layernorm"], modules_to_save=["lm_head"]))
+        model.set_adapter("new")
+        perturb(model, seed=3)
+        assert torch.equal(model_output(model, LLAMA_X), base_out)
+
+    if disable == "context":
+        with model.disable_adapter():
+            add_and_check()
+    else:
+        model.disable_adapter_layers()
+        add_and_check()
+        model.enable_adapter_layers()
+    assert not torch.equal(model_output(model, LLAMA_X), base_out)  # enabled again: the new adapter runs
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"target_modules": ["down_proj"]}, {"target_modules": ["mlp"]}),
+        ({"target_modules": ["down_proj"]}, {"target_modules": ["norm"], "modules_to_save": ["mlp"]}),
+        ({"target_modules": ["norm"], "modules_to_save": ["down_proj"]}, {"target_modules": ["mlp"]}),
+        ({"target_modules": ["norm"], "modules_to_save": ["lm_head"]}, {"target_modules": "lm_head|model"}),
+    ],
+)
+def test_new_target_containing_a_wrapped_module_is_refused_before_any_change(perturb, first, second):
+    model = get_peft_model(make_tiny_model("llama"), LNTuningConfig(**first))
+    perturb(model)
+    out = model_output(model, LLAMA_X).detach()
+    modules = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match="does not nest adapters"):
+        model.add_adapter("outer", LNTuningConfig(**second))
+    assert [n for n, _ in model.named_modules()] == modules and list(model.peft_config) == ["default"]
+    assert torch.equal(model_output(model, LLAMA_X), out)
+
+
+def test_target_containing_its_own_module_to_save_is_refused():
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="does not nest adapters"):
+        get_peft_model(model, LNTuningConfig(target_modules=["mlp"], modules_to_save=["down_proj"]))
+    assert lntune_modules(model) == []
 
 
 def test_set_requires_grad(perturb):

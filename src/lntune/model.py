@@ -185,6 +185,16 @@ class LNTuningModel(nn.Module):
                 f"modules_to_save={config.modules_to_save} matches no module of the model. Closest module "
                 f"names: {closest_names(config.modules_to_save, [n for n, _ in candidates])}."
             )
+        wrapped = {n: m for n, m in candidates if isinstance(m, (LNTuningLayer, ModulesToSaveWrapper))}
+        for name in (*targets, *save_names):
+            inner = [w for w in (*wrapped, *save_names) if w.startswith(name + ".")]
+            inner += [name] if isinstance(wrapped.get(name), ModulesToSaveWrapper) and name in targets else []
+            if inner:
+                raise ValueError(
+                    f"Cannot tune '{name}': it is or contains {inner[:3]}, already wrapped by an adapter or listed "
+                    "in modules_to_save, and lntune does not nest adapters. Choose target_modules and "
+                    "modules_to_save that do not contain each other's modules."
+                )
         return targets, save_names
 
     # ---------------------------------------------------------------------------- injection
@@ -214,6 +224,8 @@ class LNTuningModel(nn.Module):
 
         if not self.peft_config:
             model.requires_grad_(False)  # first adapter: only adapter copies will train
+        existing = [m for _, m in self.tuner_modules()]
+        disabled = bool(existing) and all(m.disable_adapters for m in existing)
         self.peft_config[adapter_name] = config
         modules = dict(candidates)
         for name in targets:
@@ -230,6 +242,9 @@ class LNTuningModel(nn.Module):
                 wrapper._active_adapter = self.active_adapters
                 setattr(model.get_submodule(parent_name), child, wrapper)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if disabled:  # new wrappers follow disable_adapter_layers() / disable_adapter() too
+            for _, module in self.tuner_modules():
+                module.enable_adapters(False)
         # The new adapter trains only if active and not in inference mode; other adapters keep their state.
         trainable = adapter_name in self.active_adapters and not config.inference_mode
         for _, module in self.tuner_modules():
