@@ -81,3 +81,18 @@ def test_model_without_checkpointing_says_so() -> None:
     model = get_peft_model(make_tiny_model("mlp"), LNTuningConfig(target_modules=["layernorm0"]))
     with pytest.raises(AttributeError, match="MLPLayerNorm has no gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointing_enabled_before_wrapping(use_reentrant: bool) -> None:
+    """``base.gradient_checkpointing_enable(); get_peft_model(base, ...)`` gets the fix too."""
+    reference = _adapter_grads(_peft_model("vit"), "vit")
+    base = make_tiny_model("vit")
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model = get_peft_model(base, LNTuningConfig()).train()
+    calls = _count_copy_calls(model)
+    grads = _adapter_grads(model, "vit")
+    assert calls[0] == 2
+    for name, grad in grads.items():
+        assert grad is not None, name
+        torch.testing.assert_close(grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)

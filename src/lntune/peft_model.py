@@ -83,6 +83,10 @@ class PeftModel(nn.Module):
             peft_config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
         self.base_model = LNTuningModel(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         self.training = model.training
+        # Checkpointing enabled before wrapping needs the fix of gradient_checkpointing_enable too.
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # Transformers 5; 4.x name below
+        if checkpointing or (checkpointing is None and getattr(model, "is_gradient_checkpointing", False)):
+            self._enable_input_require_grads()
 
     def _prepare_config(self, config: LNTuningConfig) -> None:
         """Hook for task variants (for example: add the classifier head to modules_to_save)."""
