@@ -247,7 +247,7 @@ def test_torchrun_two_processes(files, tmp_path):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     output = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = [torchrun, "--nproc_per_node=2", "--master_port=0", "-m", "lntune", "train", "--model", files["bert"]]
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "lntune", "train", "--model", files["bert"]]
     argv += ["--data", files["train"], "--eval-data", files["eval"], "--output", str(output)]
     argv += ["--max-steps", "3", "--batch-size", "4", "--lr", "0.05"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)

@@ -22,6 +22,7 @@ from lntune.cli.common import (
     publish,
     say,
     set_pad_token,
+    use_cpu,
 )
 from lntune.cli.data import check_columns, check_eval_labels, load_table, tokenize
 
@@ -102,6 +103,7 @@ def evaluate(model, tokenizer, dataset, task: str, batch_size: int) -> dict:
             report_to="none",
             remove_unused_columns=False,
             dataloader_pin_memory=False,
+            use_cpu=use_cpu(),
             prediction_loss_only=not classify,
             log_level="error",
         )
@@ -111,6 +113,7 @@ def evaluate(model, tokenizer, dataset, task: str, batch_size: int) -> dict:
             eval_dataset=dataset,
             data_collator=collator,
             compute_metrics=accuracy if classify else None,
+            token_loss=not classify,
         )
         with contextlib.redirect_stdout(sys.stderr):  # Trainer's log lines must not mix with the JSON
             return trainer.evaluate()

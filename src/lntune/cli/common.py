@@ -26,6 +26,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def use_cpu() -> bool:
+    """True without a GPU (or other accelerator): Trainer then runs on CPU, and torchrun uses gloo."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+
+
 def say(message: str) -> None:
     """Print ``message`` on stderr from rank 0 only (stdout stays free for machine-readable output)."""
     if is_main_process():

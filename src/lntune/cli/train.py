@@ -20,6 +20,7 @@ from lntune.cli.common import (
     publish,
     say,
     set_pad_token,
+    use_cpu,
 )
 from lntune.cli.data import (
     DEFAULT_EVAL,
@@ -116,6 +117,7 @@ def _training_arguments(args: argparse.Namespace, work: Path, total_steps: int):
         report_to="none",
         remove_unused_columns=False,
         dataloader_pin_memory=False,
+        use_cpu=use_cpu(),
         ddp_find_unused_parameters=False,
         prediction_loss_only=args.task != "seq-cls",
         log_level="error",
@@ -191,6 +193,7 @@ def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         data_collator=collator,
         compute_metrics=metrics_fn,
         callbacks=callbacks,
+        token_loss=args.task == "causal-lm",
     )
     trainable, total = model.get_nb_trainable_parameters()
     say(

@@ -18,7 +18,18 @@ class AdapterTrainer(Trainer):
     Trainer saves a model it does not know as a full state dict; lntune's `PeftModel` is written with its
     own ``save_pretrained`` instead, and resuming loads those files back with all-or-nothing checks.
     Optimizer, scheduler, RNG and step counters are Trainer's own checkpoint files.
+
+    Args:
+        token_loss: The model's loss sums over tokens and divides by ``num_items_in_batch`` (causal LM).
+        *args, **kwargs: `transformers.Trainer`'s.
     """
+
+    def __init__(self, *args, token_loss: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Trainer passes num_items_in_batch to any forward that takes **kwargs (ours does) and then
+        # multiplies the loss by the number of processes. Only causal-LM losses divide by that count; a
+        # classifier's loss is a batch mean, so under torchrun it would be doubled (loss and gradients).
+        self.model_accepts_loss_kwargs = token_loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         folder = output_dir or self.args.output_dir
