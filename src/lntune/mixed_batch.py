@@ -101,7 +101,7 @@ def mixed_forward(layer: LNTuningLayer, batch: BatchAdapters, *args, **kwargs):
     modules = batch.modules_of(layer)
     if len({id(m) for m in modules}) == 1:
         return layer.runner_for(modules[0])(*args, **kwargs)
-    out = _affine_forward(layer, modules, index, x, args, kwargs)
+    out = _affine_forward(layer, batch, index, x, args, kwargs)
     if out is not None:
         return out
     return grouped_forward([layer.runner_for(m) for m in modules], index, args, kwargs)
@@ -117,6 +117,23 @@ def _stacked(modules: list[nn.Module], name: str, index: torch.Tensor, dtype, sh
     return torch.stack(params).index_select(0, index).view(*shape)
 
 
+def _per_sample(layer: LNTuningLayer, batch: BatchAdapters, names: list[str], index, shape) -> dict:
+    """``{name: per-sample parameter}`` for `_stacked`; reused within the batch when no gradient is needed.
+
+    Parameters do not change during one forward or one ``generate``, so inference (and every step of
+    generation) stacks them once per layer.
+    """
+    key = ("per_sample", id(layer), shape)
+    grad = torch.is_grad_enabled()
+    if not grad and key in batch._cache:
+        return batch._cache[key]
+    modules = batch.modules_of(layer)
+    params = {name: _stacked(modules, name, index, layer.compute_dtype, shape) for name in names}
+    if not grad:
+        batch._cache[key] = params
+    return params
+
+
 def _call_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
     """Run the leaf ``module`` with ``params`` in place of its own parameters (put back afterwards)."""
     slots = module._parameters
@@ -128,20 +145,20 @@ def _call_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, 
         slots.update(saved)
 
 
-def _affine_forward(layer: LNTuningLayer, modules, index, x, args, kwargs) -> torch.Tensor | None:
+def _affine_forward(layer: LNTuningLayer, batch: BatchAdapters, index, x, args, kwargs) -> torch.Tensor | None:
     """Normalise once, then apply per-sample parameters; ``None`` where that does not apply."""
     ref = layer.original_module
-    dtype = layer.compute_dtype
     if type(ref) in (nn.LayerNorm, nn.RMSNorm) and len(args) == 1 and not kwargs:
         dims = tuple(ref.normalized_shape)
         shape = (x.shape[0],) + (1,) * (x.dim() - 1 - len(dims)) + dims
-        weight = _stacked(modules, "weight", index, dtype, shape)
+        params = _per_sample(
+            layer, batch, ["weight", "bias"] if type(ref) is nn.LayerNorm else ["weight"], index, shape
+        )
+        weight, bias = params["weight"], params.get("bias")
         if type(ref) is nn.LayerNorm:
             out = F.layer_norm(x, dims, None, None, ref.eps)
-            bias = _stacked(modules, "bias", index, dtype, shape)
         else:
             out = F.rms_norm(x, dims, None, ref.eps)
-            bias = None
         if weight is not None:
             out = out * weight
         return out if bias is None else out + bias
@@ -151,14 +168,14 @@ def _affine_forward(layer: LNTuningLayer, modules, index, x, args, kwargs) -> to
     if verified is False:
         return None
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-    params = {name: _stacked(modules, name, index, dtype, shape) for name, _ in ref.named_parameters()}
+    params = _per_sample(layer, batch, [name for name, _ in ref.named_parameters()], index, shape)
     try:
         out = _call_with(ref, params, args, kwargs)
     except (RuntimeError, ValueError):
         out = None
     if verified is None:
         # First use on this layer: check the broadcast against the always-correct grouped path once.
-        grouped = grouped_forward([layer.runner_for(m) for m in modules], index, args, kwargs)
+        grouped = grouped_forward([layer.runner_for(m) for m in batch.modules_of(layer)], index, args, kwargs)
         ok = (
             isinstance(out, torch.Tensor)
             and out.shape == grouped.shape
