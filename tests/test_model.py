@@ -301,6 +301,15 @@ def test_disable_adapter_context_and_layers(perturb):
     assert torch.equal(model_output(model, LLAMA_X), tuned) and trainable_names(model) == names
 
 
+def test_set_adapter_inside_disable_context_is_the_trainable_one_after(perturb):
+    model = llama_with_two_adapters(perturb)
+    with model.disable_adapter():
+        model.set_adapter("other")
+    assert model.active_adapter == "other"
+    names = trainable_names(model)
+    assert len(names) == 5 and all(".ln_tuning_layers.other." in n for n in names)
+
+
 @pytest.mark.parametrize("disable", ["context", "layers"])
 def test_adapter_added_while_disabled_stays_disabled(perturb, disable):
     model = get_peft_model(make_tiny_model("llama"), LNTuningConfig(target_modules=["norm"]))

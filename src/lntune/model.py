@@ -435,14 +435,18 @@ class LNTuningModel(nn.Module):
         params = [p for _, m in self.tuner_modules() for p in m.parameters()]
         grads = [p.requires_grad for p in params]
         enabled = {id(m): not m.disable_adapters for _, m in self.tuner_modules()}
+        active = self.active_adapters
         self.disable_adapter_layers()
         try:
             yield
         finally:
             for _, module in self.tuner_modules():
                 module.enable_adapters(enabled.get(id(module), True))
-            for p, g in zip(params, grads):
-                p.requires_grad_(g)
+            if self.active_adapters == active:
+                for p, g in zip(params, grads):
+                    p.requires_grad_(g)
+            elif self.active_adapters:  # set_adapter inside the context: gradients follow the new adapter
+                self.set_adapter(self.active_adapters)
 
     @contextmanager
     def batch_adapters(self, adapter_names: Sequence[str] | None):
