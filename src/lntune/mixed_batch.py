@@ -2,8 +2,13 @@
 
 Norm layers (``nn.LayerNorm``, ``nn.RMSNorm`` and element-wise-affine norms such as ``LlamaRMSNorm``)
 normalise the whole batch once and apply each sample's own weight and bias, gathered from a stack of
-the adapters' parameters. Any other module runs once per adapter on its group of samples. Both paths
-are differentiable, so a mixed batch trains every adapter it names.
+the adapters' parameters. For norms other than torch's, that means running their own forward with
+per-sample parameters; the first such call on a layer is checked against the grouped path, which the
+layer keeps using if they differ. Any other module (and modules_to_save) runs once per adapter on its
+group of samples. Both paths are differentiable, so a mixed batch trains every adapter it names.
+
+A `BatchAdapters` lives for one forward or one ``generate``; it caches what does not change meanwhile
+(each wrapper's modules, row indices, and, without autograd, the stacked per-sample parameters).
 """
 
 from __future__ import annotations
