@@ -150,6 +150,15 @@ class LNTuningMachine(RuleBasedStateMachine):
             torch.testing.assert_close(self.model(X), self.ref.output(enabled=False), atol=ATOL, rtol=0)
             assert trainable_names(self.model) == set()
 
+    @precondition(lambda self: self.ref.adapters)
+    @rule(data=st.data())
+    def set_adapter_while_disabled(self, data):
+        name = data.draw(st.sampled_from(sorted(self.ref.adapters)))
+        with self.model.disable_adapter():
+            self.model.set_adapter(name)
+            torch.testing.assert_close(self.model(X), self.ref.output(enabled=False), atol=ATOL, rtol=0)
+        self.ref.active, self.ref.merged = name, None
+
     @rule()
     def unloaded_copies(self):
         expected = self.ref.output()
