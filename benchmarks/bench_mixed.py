@@ -3,7 +3,8 @@
     python benchmarks/bench_mixed.py [--quick] [--threads 1] [--device cpu|cuda]
 
 A batch of 32 sequences spread over 8 adapters (sample ``i`` uses adapter ``i % 8``), on a Llama
-(4 layers, hidden 256, seq 64). Variants: lntune with ``adapter_names=[...]`` (one forward), lntune
+(4 layers, hidden 256), at seq 64 and at seq 4 (short inputs, as in generation, where per-call costs
+weigh most). Variants: lntune with ``adapter_names=[...]`` (one forward), lntune
 with one adapter for all 32 (the baseline: same work, no mixing), lntune and PEFT running 8 sub-batches
 of 4 with ``set_adapter`` between them (PEFT's only option: it has no mixed batches for LN tuning),
 and PEFT with one adapter for all 32. Inference under ``torch.no_grad()``, then training
@@ -41,14 +42,11 @@ def with_adapters(model, config_cls) -> torch.nn.Module:
     return model
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    setup(args)
+def bench_shape(layers: int, hidden: int, batch: int, seq: int, args) -> None:
     import peft
 
     import lntune
 
-    layers, hidden, batch, seq = (2, 128, 32, 16) if args.quick else (4, 256, 32, 64)
     base = llama(layers, hidden).to(args.device)
     ids = token_ids(batch, seq, device=args.device)
     names = [ADAPTERS[i % len(ADAPTERS)] for i in range(batch)]
@@ -91,6 +89,13 @@ def main() -> None:
     samples = interleaved(training, args.rounds, args.device)
     print(f"### Mixed-adapter batch, forward + backward, {shape}\n")
     print(table(TIME_HEADERS, summarize(samples, baseline="lntune, 1 adapter for all")) + "\n")
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    setup(args)
+    for seq in (16,) if args.quick else (64, 4):
+        bench_shape(*((2, 128) if args.quick else (4, 256)), batch=32, seq=seq, args=args)
 
 
 if __name__ == "__main__":
