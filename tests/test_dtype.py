@@ -11,9 +11,16 @@ from lntune.precision import CastCall
 BF16 = torch.bfloat16
 
 
+def _bf16_base() -> torch.nn.Module:
+    base = make_tiny_model("llama")
+    with torch.no_grad():  # larger logits: the loss then reacts clearly to the norms (bf16 rounds small changes)
+        base.lm_head.weight.mul_(30)
+    return base.to(BF16)
+
+
 def _bf16_llama(autocast: bool = True) -> PeftModel:
-    base = make_tiny_model("llama").to(BF16)
-    return get_peft_model(base, LNTuningConfig(task_type=TaskType.CAUSAL_LM), autocast_adapter_dtype=autocast)
+    config = LNTuningConfig(task_type=TaskType.CAUSAL_LM)
+    return get_peft_model(_bf16_base(), config, autocast_adapter_dtype=autocast)
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -59,7 +66,8 @@ def test_float32_adapter_learns_at_lr_1e4_where_bf16_does_not():
     losses = _train(model)
     after = _trainable(model)
     assert all(not torch.equal(before[n], after[n]) for n in before)
-    assert losses[-1] < losses[0]
+    # Forward sees the float32 weights rounded to bf16, so the loss moves once updates add up to a bf16 step.
+    assert losses[-1] < losses[0] - 0.01
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
     frozen = _bf16_llama(autocast=False)
@@ -77,7 +85,7 @@ def test_float32_adapter_save_load_and_merge(tmp_path, perturb):
     with torch.no_grad():
         expected = model_output(model, inputs)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(make_tiny_model("llama").to(BF16), tmp_path)
+    loaded = PeftModel.from_pretrained(_bf16_base(), tmp_path)
     saved = {n: p for n, p in model.named_parameters() if p.requires_grad}
     restored = dict(loaded.named_parameters())
     assert all(restored[n].dtype == torch.float32 and torch.equal(restored[n], p) for n, p in saved.items())
