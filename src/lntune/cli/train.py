@@ -35,8 +35,8 @@ from lntune.cli.data import (
 
 #: Defaults chosen by benchmarks/sweep_lr.py (see docs/cli.md): LN tuning needs a large learning rate.
 DEFAULT_LR = 1e-2
-DEFAULT_EPOCHS = 3.0
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_EPOCHS = 2.0
+DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_WARMUP = 0.1
 DEFAULT_SCHEDULE = "linear"
@@ -54,8 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="lntune-output", help="adapter folder to write (default: lntune-output)")
     parser.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help=f"default: {DEFAULT_EPOCHS:g}")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default: {DEFAULT_LR:g})")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="per process (default: 32)")
-    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per text (default: 128)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"per process (default: {DEFAULT_BATCH_SIZE})"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=DEFAULT_MAX_LENGTH, help=f"tokens per text (default: {DEFAULT_MAX_LENGTH})"
+    )
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
     parser.add_argument("--seed", type=int, default=42, help="default: 42")
     parser.add_argument("--target-modules", nargs="+", help="modules to tune (default: the model type's norms)")
