@@ -301,6 +301,31 @@ def test_disable_adapter_context_and_layers(perturb):
     assert torch.equal(model_output(model, LLAMA_X), tuned) and trainable_names(model) == names
 
 
+def test_two_active_adapters_sharing_a_module_to_save_refused_without_change(perturb):
+    model = get_peft_model(
+        make_tiny_model("llama"), LNTuningConfig(target_modules=["norm"], modules_to_save=["lm_head"])
+    )
+    model.add_adapter("other", LNTuningConfig(target_modules=["norm"], modules_to_save=["lm_head"]))
+    perturb(model)
+    out, names = model_output(model, LLAMA_X).detach(), trainable_names(model)
+    with pytest.raises(ValueError, match="only one of them can be active at a time"):
+        model.base_model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default"] and trainable_names(model) == names
+    assert all(m.active_adapters == ["default"] for m in model.modules() if isinstance(m, LNTuningLayer))
+    assert torch.equal(model_output(model, LLAMA_X), out)
+
+
+def test_module_to_save_of_another_adapter_waits_for_set_adapter():
+    # PEFT's test_set_adapter_non_overlapping_modules_to_save.
+    model = get_peft_model(make_tiny_model("llama"), LNTuningConfig(target_modules=["norm"]))
+    model.add_adapter("other", LNTuningConfig(target_modules=["norm"], modules_to_save=["lm_head"]))
+    head = model.get_base_model().lm_head
+    assert head.active_adapters == ["default"] and not any(p.requires_grad for p in head.parameters())
+    assert torch.equal(head(torch.ones(1, 16)), head.original_module(torch.ones(1, 16)))
+    model.set_adapter("other")
+    assert {n for n, p in head.named_parameters() if p.requires_grad} == {"modules_to_save.other.weight"}
+
+
 def test_set_adapter_inside_disable_context_is_the_trainable_one_after(perturb):
     model = llama_with_two_adapters(perturb)
     with model.disable_adapter():

@@ -355,6 +355,9 @@ class LNTuningModel(nn.Module):
         """
         names = _as_list(adapter_name)
         self._check_adapters(names)
+        for _, module in self.tuner_modules():  # refuse before any layer changes
+            if isinstance(module, ModulesToSaveWrapper):
+                module.check_active(names)
         if self.merged:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.unmerge_adapter()

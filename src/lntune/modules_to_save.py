@@ -56,14 +56,19 @@ class ModulesToSaveWrapper(nn.Module):
             return self.modules_to_save[adapter_name]
         return self.original_module
 
-    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    def check_active(self, names: Sequence[str]) -> list[str]:
+        """The adapters among ``names`` that have a copy here; raises if more than one does."""
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(
                 f"Adapters {present} all train a copy of the same module_to_save; only one of them can be "
                 "active at a time. Activate a single adapter."
             )
+        return present
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        present = self.check_active(names)
         self._active_adapter = names
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name in present and not inference_mode)
