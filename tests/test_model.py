@@ -302,6 +302,24 @@ def test_disable_adapter_context_and_layers(perturb):
     assert torch.equal(model_output(model, LLAMA_X), tuned) and trainable_names(model) == names
 
 
+@pytest.mark.parametrize("again", ["get_peft_model", "wrap_peft_model", "inject_adapter_in_model"])
+def test_second_wrapping_with_an_existing_adapter_name_refused(perturb, again):
+    # PEFT re-initialises the existing adapter's copies in place (with a warning): trained weights are lost.
+    base = make_tiny_model("llama")
+    model = get_peft_model(base, LNTuningConfig(target_modules=["norm"]))
+    perturb(model)
+    out = model_output(model, LLAMA_X).detach()
+    with pytest.raises(ValueError, match="already has an adapter 'default'"):
+        if again == "get_peft_model":
+            get_peft_model(base, LNTuningConfig(target_modules=["norm"]))
+        elif again == "wrap_peft_model":
+            get_peft_model(model, LNTuningConfig(target_modules=["norm"]))
+        else:
+            inject_adapter_in_model(LNTuningConfig(target_modules=["norm"]), base)
+    assert torch.equal(model_output(model, LLAMA_X), out)
+    inject_adapter_in_model(LNTuningConfig(target_modules=["norm"]), base, adapter_name="low_level")  # a new name
+
+
 def test_two_active_adapters_sharing_a_module_to_save_refused_without_change(perturb):
     model = get_peft_model(
         make_tiny_model("llama"), LNTuningConfig(target_modules=["norm"], modules_to_save=["lm_head"])

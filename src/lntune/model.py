@@ -211,6 +211,15 @@ class LNTuningModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists; choose another name.")
+        copies = [
+            m.ln_tuning_layers if isinstance(m, LNTuningLayer) else m.modules_to_save for _, m in self.tuner_modules()
+        ]
+        if any(adapter_name in c for c in copies):
+            raise ValueError(
+                f"The model already has an adapter '{adapter_name}' (from an earlier get_peft_model or "
+                "inject_adapter_in_model); use another adapter_name, add_adapter() on the existing PeftModel, or "
+                "unload() it first."
+            )
         if not isinstance(config, LNTuningConfig):
             raise TypeError(f"Expected an LNTuningConfig, got {type(config).__name__}.")
         if adapter_name == BASE_ADAPTER_NAME or not adapter_name or "." in adapter_name:
