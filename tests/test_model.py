@@ -165,8 +165,9 @@ def test_add_set_delete_adapter(perturb):
     model.set_adapter("other")
     assert torch.equal(model_output(model, LLAMA_X), base_out)  # a new adapter starts as identity
     model.set_adapter("default")
-    with pytest.warns(UserWarning, match="Setting active adapter to other"):
+    with pytest.warns(UserWarning, match="Setting active adapter to other") as record:
         model.delete_adapter("default")
+    assert len(record) == 1  # once, not once per layer as in PEFT
     assert list(model.peft_config) == ["other"] and model.active_adapter == "other"
     layers = [m for m in model.modules() if isinstance(m, LNTuningLayer)]
     assert all(list(layer.ln_tuning_layers) == ["other"] for layer in layers)
@@ -295,6 +296,9 @@ def test_disable_adapter_context_and_layers(perturb):
     names = trainable_names(model)
     with model.disable_adapter():
         assert torch.equal(model_output(model, LLAMA_X), base_out) and trainable_names(model) == set()
+    assert torch.equal(model_output(model, LLAMA_X), tuned) and trainable_names(model) == names
+    with pytest.raises(RuntimeError, match="boom"), model.disable_adapter():
+        raise RuntimeError("boom")
     assert torch.equal(model_output(model, LLAMA_X), tuned) and trainable_names(model) == names
     model.disable_adapter_layers()
     assert torch.equal(model_output(model, LLAMA_X), base_out) and trainable_names(model) == set()
