@@ -29,28 +29,36 @@ from lntune.cli.data import check_columns, check_eval_labels, load_table, tokeni
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lntune eval``."""
-    parser.add_argument("--adapter", required=True, help="adapter folder written by lntune train")
-    parser.add_argument("--data", required=True, help="data to score: .csv, .json or .jsonl")
-    parser.add_argument("--model", help="base model folder (default: the one the adapter was trained on)")
-    parser.add_argument("--text-column", help="column with the text (default: as in training)")
-    parser.add_argument("--label-column", help="column with the label (default: as in training)")
+    parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by lntune train")
+    parser.add_argument("--data", metavar="FILE", required=True, help="data to score: .csv, .json or .jsonl")
+    parser.add_argument(
+        "--model", metavar="PATH", help="base model folder (default: the one the adapter was trained on)"
+    )
+    parser.add_argument("--text-column", metavar="NAME", help="column with the text (default: as in training)")
+    parser.add_argument("--label-column", metavar="NAME", help="column with the label (default: as in training)")
     parser.add_argument("--batch-size", type=int, default=64, help="default: 64")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lntune inspect``."""
-    parser.add_argument("--model", help="local Transformers model folder (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--model", metavar="PATH", help="local Transformers model folder (default: packaged all-MiniLM-L6-v2)"
+    )
     parser.add_argument("--task", choices=sorted(TASKS), default="seq-cls", help="default: seq-cls")
-    parser.add_argument("--target-modules", nargs="+", help="modules to tune (default: the model type's norms)")
+    parser.add_argument(
+        "--target-modules", nargs="+", metavar="NAME", help="modules to tune (default: the model type's norms)"
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lntune merge``."""
-    parser.add_argument("--adapter", required=True, help="adapter folder written by lntune train")
-    parser.add_argument("--output", required=True, help="folder for the merged Transformers model")
-    parser.add_argument("--model", help="base model folder (default: the one the adapter was trained on)")
+    parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by lntune train")
+    parser.add_argument("--output", metavar="DIR", required=True, help="folder for the merged Transformers model")
+    parser.add_argument(
+        "--model", metavar="PATH", help="base model folder (default: the one the adapter was trained on)"
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
 
 

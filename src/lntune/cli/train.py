@@ -45,13 +45,23 @@ CHECKPOINTS = "checkpoints"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lntune train``."""
-    parser.add_argument("--model", help="local Transformers model folder (default: packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--data", help="training data: .csv, .json or .jsonl (default: bundled movie reviews)")
-    parser.add_argument("--eval-data", help="held-out data (default: bundled test split, or 10%% of --data)")
-    parser.add_argument("--text-column", default="text", help="column with the text (default: text)")
-    parser.add_argument("--label-column", default="label", help="column with the label (default: label)")
+    parser.add_argument(
+        "--model", metavar="PATH", help="local Transformers model folder (default: packaged all-MiniLM-L6-v2)"
+    )
+    parser.add_argument(
+        "--data", metavar="FILE", help="training data: .csv, .json or .jsonl (default: bundled movie reviews)"
+    )
+    parser.add_argument(
+        "--eval-data", metavar="FILE", help="held-out data (default: bundled test split, or 10%% of --data)"
+    )
+    parser.add_argument("--text-column", metavar="NAME", default="text", help="column with the text (default: text)")
+    parser.add_argument(
+        "--label-column", metavar="NAME", default="label", help="column with the label (default: label)"
+    )
     parser.add_argument("--task", choices=sorted(TASKS), default="seq-cls", help="default: seq-cls")
-    parser.add_argument("--output", default="lntune-output", help="adapter folder to write (default: lntune-output)")
+    parser.add_argument(
+        "--output", metavar="DIR", default="lntune-output", help="adapter folder to write (default: lntune-output)"
+    )
     parser.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help=f"default: {DEFAULT_EPOCHS:g}")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default: {DEFAULT_LR:g})")
     parser.add_argument(
@@ -62,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
     parser.add_argument("--seed", type=int, default=42, help="default: 42")
-    parser.add_argument("--target-modules", nargs="+", help="modules to tune (default: the model type's norms)")
+    parser.add_argument(
+        "--target-modules", nargs="+", metavar="NAME", help="modules to tune (default: the model type's norms)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from --model")
 
