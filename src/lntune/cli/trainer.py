@@ -58,15 +58,22 @@ def schedule_steps(num_examples: int, batch_size: int, epochs: float, max_steps:
 
 
 def plot_curves(log_history: list[dict], path: Path) -> None:
-    """Write a PNG of the training loss, eval loss and (if present) eval accuracy against the step."""
+    """Write a PNG of the training loss, eval loss and (if present) eval accuracy against the step.
+
+    Args:
+        log_history: ``trainer.state.log_history``.
+        path: The PNG file to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
-    acc = [(r["step"], r["eval_accuracy"]) for r in log_history if "eval_accuracy" in r]
+    # The evaluation before training is logged with the prefix "before" at step 0.
+    evals = [(r["step"], r.get("eval_loss", r.get("before_loss"))) for r in log_history]
+    acc = [(r["step"], r.get("eval_accuracy", r.get("before_accuracy"))) for r in log_history]
+    evals, acc = [e for e in evals if e[1] is not None], [a for a in acc if a[1] is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue")
