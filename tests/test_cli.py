@@ -257,3 +257,15 @@ def test_torchrun_two_processes(files, tmp_path):
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["train_steps"] == 3 and "eval_accuracy" in metrics
     assert PeftModel.from_pretrained(_base(files), output) is not None
+
+
+def test_json_array_with_numeric_labels_and_held_out_split(files, tmp_path):
+    rows = [{"review": t, "stars": 5} for t in POSITIVE] + [{"review": t, "stars": 1} for t in NEGATIVE]
+    data = tmp_path / "reviews.json"
+    data.write_text(json.dumps(rows * 3))
+    argv = ["train", "--model", files["bert"], "--data", str(data), "--text-column", "review"]
+    argv += ["--label-column", "stars", "--output", str(tmp_path / "o"), "--max-steps", "2", "--batch-size", "8"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "o" / "lntune_run.json").read_text())["labels"] == ["1", "5"]
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (metrics["num_train_examples"], metrics["num_eval_examples"]) == (21, 3)  # 10% of 24 held out
