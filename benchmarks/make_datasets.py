@@ -24,6 +24,7 @@ OUT = Path(__file__).resolve().parents[1] / "src" / "lntune" / "data"
 SPLITS = {
     "movie_reviews": ("movieReviewSnippets_GroundTruth.txt", 1000, 250),
     "amazon_reviews": ("amazonReviewSnippets_GroundTruth.txt", 500, 250),
+    "nyt_editorials": ("nytEditorialSnippets_GroundTruth.txt", 500, 250),
 }
 
 
