@@ -149,7 +149,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     model = _load_adapted(adapter, run, args.trust_remote_code)
     set_pad_token(model, tokenizer)
     dataset = tokenize(table, tokenizer, text_column, run["max_length"], label_column, labels)
-    metrics = {k: v for k, v in evaluate(model, tokenizer, dataset, run["task"], args.batch_size).items()}
+    metrics = {
+        k: v for k, v in evaluate(model, tokenizer, dataset, run["task"], args.batch_size).items() if k != "epoch"
+    }
     metrics["num_examples"] = len(dataset)
     print(json.dumps(metrics, indent=2))
     return metrics
