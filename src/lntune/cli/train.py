@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def _training_arguments(args: argparse.Namespace, work: Path, total_steps: int):
         max_steps=args.max_steps,
         learning_rate=args.lr,
         lr_scheduler_type=DEFAULT_SCHEDULE,
-        warmup_steps=DEFAULT_WARMUP,
+        warmup_steps=math.ceil(DEFAULT_WARMUP * total_steps),  # a step count: Transformers 4.x takes no ratio here
         weight_decay=0.0,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=2 * args.batch_size,
