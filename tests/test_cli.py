@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -244,17 +244,26 @@ def test_resume_without_checkpoint_is_an_error(files, tmp_path, capsys):
 
 
 def test_torchrun_two_processes(files, tmp_path):
-    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     output = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "lntune", "train", "--model", files["bert"]]
-    argv += ["--data", files["train"], "--eval-data", files["eval"], "--output", str(output)]
-    argv += ["--max-steps", "3", "--batch-size", "4", "--lr", "0.05"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    log = done.stdout + done.stderr
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lntune"]
+    argv += ["train", "--model", files["bert"], "--data", files["train"], "--eval-data", files["eval"]]
+    argv += ["--output", str(output), "--max-steps", "3", "--batch-size", "4", "--lr", "0.05"]
+    # Own process group, so that a hang kills torchrun's workers too instead of orphaning them.
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish within 240 s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    log = stdout + stderr
     assert log.count("held-out accuracy after training") == 1  # rank 0 only
     metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["world_size"] == 2  # one distributed run, not two single-process ones
     assert metrics["train_steps"] == 3 and "eval_accuracy" in metrics
     assert PeftModel.from_pretrained(_base(files), output) is not None
 

@@ -229,6 +229,7 @@ def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         "train_loss": result.training_loss,
         "train_runtime": result.metrics["train_runtime"],
         "train_steps": result.global_step,
+        "world_size": trainer.args.world_size,
         "trainable_params": trainable,
         "all_params": total,
         "learning_rate": args.lr,
