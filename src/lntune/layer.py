@@ -20,9 +20,10 @@ from torch import nn
 
 from lntune.mixed_batch import BatchAdapters, mixed_forward
 from lntune.precision import float_dtype, runner, upcast_parameters
+from lntune.tuner_state import AdapterStateMixin, as_names
 
 
-class LNTuningLayer(nn.Module):
+class LNTuningLayer(AdapterStateMixin, nn.Module):
     """A target module together with its per-adapter tuned copies.
 
     Args:
@@ -58,20 +59,8 @@ class LNTuningLayer(nn.Module):
 
     # ----------------------------------------------------------------------------------- state
     @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
-
-    @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
 
     @property
     def original_module(self) -> nn.Module:
@@ -117,7 +106,7 @@ class LNTuningLayer(nn.Module):
 
     def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
         """Make ``adapter_names`` active; their copies become trainable (unless ``inference_mode``)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = as_names(adapter_names)
         self._active_adapter = names
         for name in self.ln_tuning_layers:
             self.adapter_module(name).requires_grad_(name in names and not inference_mode)
@@ -126,7 +115,7 @@ class LNTuningLayer(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Toggle gradients of the named adapters' copies only (the original is never touched)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = as_names(adapter_names)
         for name in names:
             if name in self.ln_tuning_layers:
                 self.adapter_module(name).requires_grad_(requires_grad)

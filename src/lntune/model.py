@@ -24,6 +24,7 @@ from lntune.targets import (
     detect_norm_layers,
     name_matches,
 )
+from lntune.tuner_state import as_names
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ TunerModule = LNTuningLayer | ModulesToSaveWrapper
 def _split_name(name: str) -> tuple[str, str]:
     parent, _, child = name.rpartition(".")
     return parent, child
-
-
-def _as_list(names: str | Sequence[str]) -> list[str]:
-    return [names] if isinstance(names, str) else list(names)
 
 
 def _copies(module: TunerModule) -> nn.ModuleDict:
@@ -94,7 +91,7 @@ class LNTuningModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return _as_list(self.active_adapter)
+        return as_names(self.active_adapter)
 
     def tuner_modules(self) -> Iterator[tuple[str, TunerModule]]:
         """``(name, module)`` for every `LNTuningLayer` and `ModulesToSaveWrapper` in the model."""
@@ -169,7 +166,7 @@ class LNTuningModel(nn.Module):
         if not targets:
             all_names = [n for n, _ in candidates]
             if not matched:
-                wanted = _as_list(config.target_modules)
+                wanted = as_names(config.target_modules)
                 raise ValueError(
                     f"Target modules {config.target_modules} not found in the base model. Closest module "
                     f"names: {closest_names(wanted, all_names)}. Please check the target modules and try "
@@ -362,7 +359,7 @@ class LNTuningModel(nn.Module):
 
         ``inference_mode=None`` takes each adapter's own ``config.inference_mode``.
         """
-        names = _as_list(adapter_name)
+        names = as_names(adapter_name)
         self._check_adapters(names)
         for _, module in self.tuner_modules():  # refuse before any layer changes
             if isinstance(module, ModulesToSaveWrapper):
@@ -378,14 +375,14 @@ class LNTuningModel(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Toggle gradients of the named adapters' copies, merged or not; base weights stay frozen."""
-        names = _as_list(adapter_names)
+        names = as_names(adapter_names)
         self._check_adapters(names)
         for _, module in self.tuner_modules():
             module.set_requires_grad(names, requires_grad)
 
     def delete_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Remove adapters and their copies; if the active one goes, another remaining one becomes active."""
-        names = _as_list(adapter_name)
+        names = as_names(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter {unknown[0]} does not exist. Existing adapters: {sorted(self.peft_config)}.")

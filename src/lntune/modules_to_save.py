@@ -9,9 +9,10 @@ from torch import nn
 
 from lntune.mixed_batch import BatchAdapters, grouped_forward
 from lntune.precision import float_dtype, runner
+from lntune.tuner_state import AdapterStateMixin, as_names
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(AdapterStateMixin, nn.Module):
     """Keeps ``original_module`` and a trainable copy per adapter in ``modules_to_save``.
 
     The active adapter's copy runs in forward; a disabled wrapper, or one without the active adapter,
@@ -31,18 +32,6 @@ class ModulesToSaveWrapper(nn.Module):
         self._batch_adapters: BatchAdapters | None = None
         self.update(adapter_name)
         self.training = self.modules_to_save.training = module_to_save.training
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
 
     def update(self, adapter_name: str) -> None:
         """Add a frozen copy of the original module for ``adapter_name``."""
@@ -67,7 +56,7 @@ class ModulesToSaveWrapper(nn.Module):
         return present
 
     def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = as_names(adapter_names)
         present = self.check_active(names)
         self._active_adapter = names
         for name, module in self.modules_to_save.items():
@@ -75,7 +64,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module.requires_grad_(False)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = as_names(adapter_names)
         for name in names:
             if name in self.modules_to_save:
                 self.modules_to_save[name].requires_grad_(requires_grad)
