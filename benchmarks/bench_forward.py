@@ -19,19 +19,11 @@ from timing import (
     parser,
     peft_model,
     setup,
+    shapes,
     summarize,
     table,
     token_ids,
 )
-
-SHAPES = {
-    "deep narrow: 48 layers, hidden 64, batch 1 x seq 8": dict(layers=48, hidden=64, batch=1, seq=8),
-    "larger: 8 layers, hidden 512, batch 4 x seq 128": dict(layers=8, hidden=512, batch=4, seq=128),
-}
-QUICK_SHAPES = {
-    "deep narrow: 12 layers, hidden 64, batch 1 x seq 8": dict(layers=12, hidden=64, batch=1, seq=8),
-    "larger: 2 layers, hidden 256, batch 2 x seq 64": dict(layers=2, hidden=256, batch=2, seq=64),
-}
 
 
 def bench_shape(layers: int, hidden: int, batch: int, seq: int, args) -> list[list[str]]:
@@ -56,7 +48,7 @@ def bench_shape(layers: int, hidden: int, batch: int, seq: int, args) -> list[li
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     setup(args)
-    for title, shape in (QUICK_SHAPES if args.quick else SHAPES).items():
+    for title, shape in shapes(args).items():
         print(f"### Forward, {title}\n")
         print(table(TIME_HEADERS, bench_shape(**shape, args=args)) + "\n")
 

@@ -33,19 +33,12 @@ from timing import (
     parser,
     peft_model,
     setup,
+    shapes,
     summarize,
     table,
     token_ids,
 )
 
-SHAPES = {
-    "deep narrow: 48 layers, hidden 64, batch 1 x seq 8": dict(layers=48, hidden=64, batch=1, seq=8),
-    "larger: 8 layers, hidden 512, batch 4 x seq 128": dict(layers=8, hidden=512, batch=4, seq=128),
-}
-QUICK_SHAPES = {
-    "deep narrow: 12 layers, hidden 64, batch 1 x seq 8": dict(layers=12, hidden=64, batch=1, seq=8),
-    "larger: 2 layers, hidden 256, batch 2 x seq 64": dict(layers=2, hidden=256, batch=2, seq=64),
-}
 VARIANTS = ["bare model, norms trainable", "lntune", "PEFT"]
 
 
@@ -120,14 +113,14 @@ def peak_memory(variant: str, shape: dict, args) -> float:
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     setup(args)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    for title, shape in shapes.items():
+    chosen = shapes(args)
+    for title, shape in chosen.items():
         ids = token_ids(shape["batch"], shape["seq"], device=args.device)
         steps = {v: train_step(build(v, shape["layers"], shape["hidden"], args.device), ids) for v in VARIANTS}
         samples = interleaved(steps, args.rounds, args.device)
         print(f"### Train step, {title}\n")
         print(table(TIME_HEADERS, summarize(samples, baseline="bare model, norms trainable")) + "\n")
-    title, shape = list(shapes.items())[-1]
+    title, shape = list(chosen.items())[-1]
     repeats = 1 if args.quick else 3
     rows = []
     for variant in VARIANTS:

@@ -146,3 +146,19 @@ def no_grad_forward(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], N
 
 
 TIME_HEADERS = ["variant", "median ms", "min ms", "max ms", "vs baseline"]
+
+
+# The two model shapes of the forward, train-step and dtype benchmarks.
+SHAPES = {
+    "deep narrow: 48 layers, hidden 64, batch 1 x seq 8": dict(layers=48, hidden=64, batch=1, seq=8),
+    "larger: 8 layers, hidden 512, batch 4 x seq 128": dict(layers=8, hidden=512, batch=4, seq=128),
+}
+QUICK_SHAPES = {
+    "deep narrow: 12 layers, hidden 64, batch 1 x seq 8": dict(layers=12, hidden=64, batch=1, seq=8),
+    "larger: 2 layers, hidden 256, batch 2 x seq 64": dict(layers=2, hidden=256, batch=2, seq=64),
+}
+
+
+def shapes(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """``QUICK_SHAPES`` with ``--quick``, else ``SHAPES``: ``{title: dict(layers, hidden, batch, seq)}``."""
+    return QUICK_SHAPES if args.quick else SHAPES
