@@ -188,7 +188,9 @@ class LNTuningLayer(AdapterStateMixin, nn.Module):
         else:
             fn = self._raise_multiple_active
         # Not registered as a submodule: a plain attribute keeps state_dict and named_modules unchanged.
+        # As an instance attribute ``forward``, nn.Module.__call__ reaches it without an extra frame.
         object.__setattr__(self, "_forward_fn", fn)
+        object.__setattr__(self, "forward", fn)
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
