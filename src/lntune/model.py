@@ -361,15 +361,16 @@ class LNTuningModel(nn.Module):
         """
         names = as_names(adapter_name)
         self._check_adapters(names)
-        for _, module in self.tuner_modules():  # refuse before any layer changes
+        modules = [module for _, module in self.tuner_modules()]  # one walk of the model
+        for module in modules:  # refuse before any layer changes
             if isinstance(module, ModulesToSaveWrapper):
                 module.check_active(names)
-        if self.merged:
+        if any(isinstance(m, LNTuningLayer) and m.merged for m in modules):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.unmerge_adapter()
         if inference_mode is None:
             inference_mode = any(self.peft_config[n].inference_mode for n in names)
-        for _, module in self.tuner_modules():
+        for module in modules:
             module.set_adapter(names, inference_mode=inference_mode)
         self.active_adapter = names[0] if len(names) == 1 else names
 
