@@ -278,3 +278,14 @@ def test_json_array_with_numeric_labels_and_held_out_split(files, tmp_path):
     assert json.loads((tmp_path / "o" / "lntune_run.json").read_text())["labels"] == ["1", "5"]
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert (metrics["num_train_examples"], metrics["num_eval_examples"]) == (21, 3)  # 10% of 24 held out
+
+
+def test_plot_starts_with_the_evaluation_before_training(files, tmp_path, monkeypatch):
+    import lntune.cli.trainer as trainer_module
+
+    plotted = []
+    monkeypatch.setattr(trainer_module, "plot_curves", lambda history, path: plotted.append(history))
+    metrics = _train(files, tmp_path / "o")
+    first_eval = next(r for r in plotted[0] if "before_loss" in r or "eval_loss" in r)
+    assert first_eval["step"] == 0 and first_eval["before_loss"] == metrics["eval_loss_before"]
+    assert any("eval_loss" in r and r["step"] == metrics["train_steps"] for r in plotted[0])

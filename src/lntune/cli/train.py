@@ -260,4 +260,9 @@ def _write_outputs(trainer, model, args, model_path: str, labels: list[str], met
     }
     (work / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    plot_curves(trainer.state.log_history, work / "training_curves.png")
+    history = trainer.state.log_history
+    if "eval_loss_before" in metrics and not any("before_loss" in r for r in history):
+        # Trainer.train() starts a fresh log, which drops the evaluation made before training.
+        before = {"before_loss": metrics["eval_loss_before"], "before_accuracy": metrics.get("eval_accuracy_before")}
+        history = [{"step": 0, **before}, *history]
+    plot_curves(history, work / "training_curves.png")

@@ -89,8 +89,8 @@ def plot_curves(log_history: list[dict], path: Path) -> None:
         ax2.set_ylim(0, 1)
         more = ax2.get_legend_handles_labels()
         handles, names = handles + more[0], names + more[1]
-    ax.legend(handles, names, loc="best")
+    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
     ax.set_title("lntune: LN tuning")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the axes
     fig.savefig(path)
     plt.close(fig)
