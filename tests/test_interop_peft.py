@@ -6,13 +6,12 @@ import json
 import os
 import warnings
 
+import peft  # a test dependency: the interchange tests must run, never skip
 import pytest
 import torch
 from conftest import make_inputs, make_tiny_model, model_output
 
 import lntune
-
-peft = pytest.importorskip("peft")
 
 ATOL = 1e-6
 CFG = "adapter_config.json"
