@@ -208,10 +208,7 @@ class LNTuningModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists; choose another name.")
-        copies = [
-            m.ln_tuning_layers if isinstance(m, LNTuningLayer) else m.modules_to_save for _, m in self.tuner_modules()
-        ]
-        if any(adapter_name in c for c in copies):
+        if any(adapter_name in _copies(m) for _, m in self.tuner_modules()):
             raise ValueError(
                 f"The model already has an adapter '{adapter_name}' (from an earlier get_peft_model or "
                 "inject_adapter_in_model); use another adapter_name, add_adapter() on the existing PeftModel, or "
@@ -416,8 +413,7 @@ class LNTuningModel(nn.Module):
     def _drop_empty_wrappers(self) -> None:
         """Put back the plain module where no adapter is left on a wrapper."""
         for name, module in list(self.tuner_modules()):
-            copies = module.ln_tuning_layers if isinstance(module, LNTuningLayer) else module.modules_to_save
-            if len(copies) == 0:
+            if len(_copies(module)) == 0:
                 original = module.original_module
                 parent_name, child = _split_name(name)
                 setattr(self.model.get_submodule(parent_name), child, original)
@@ -436,8 +432,7 @@ class LNTuningModel(nn.Module):
         """Run the original modules everywhere (merged or not); no copy receives gradients."""
         for _, module in self.tuner_modules():
             module.enable_adapters(False)
-            names = module.ln_tuning_layers if isinstance(module, LNTuningLayer) else module.modules_to_save
-            module.set_requires_grad(list(names), False)
+            module.set_requires_grad(list(_copies(module)), False)
 
     @contextmanager
     def disable_adapter(self):
