@@ -429,6 +429,36 @@ def set_peft_model_state_dict(
 _WRAPPERS = (LNTuningLayer, ModulesToSaveWrapper)
 
 
+def load_into_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> IncompatibleKeys:
+    """Read ``folder``'s weights file and copy it strictly into ``adapter_name`` (all-or-nothing).
+
+    Args:
+        model: A `PeftModel` (or an injected model) that already has ``adapter_name``.
+        folder: An adapter folder (``adapter_model.safetensors`` or ``.bin``).
+        adapter_name: The adapter to fill.
+
+    Returns:
+        ``IncompatibleKeys`` (empty: any mismatch raises).
+
+    Raises:
+        CheckpointError: the weights do not fit; the message starts with the weights file's path.
+
+    Example:
+        >>> load_into_adapter(peft_model, "out/", "default")
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+    """
+    path = adapter_weights_path(folder)
+    return fill_adapter(model, read_adapter_weights(path), path, adapter_name)
+
+
+def fill_adapter(model: nn.Module, weights: dict, weights_path: str, adapter_name: str) -> IncompatibleKeys:
+    """Strictly copy ``weights`` (read from ``weights_path``) into ``adapter_name``; errors name the file."""
+    try:
+        return set_peft_model_state_dict(model, weights, adapter_name=adapter_name, strict=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{weights_path}: {exc}") from None
+
+
 @contextmanager
 def restore_on_error(root: nn.Module, adapter_name: str) -> Iterator[None]:
     """Undo whatever adding ``adapter_name`` to ``root`` did, if the body raises (any exception).

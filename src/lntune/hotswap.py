@@ -10,7 +10,7 @@ import os
 
 from torch import nn
 
-from lntune.checkpoint import load_adapter_weights, set_peft_model_state_dict
+from lntune.checkpoint import load_into_adapter
 from lntune.config import LNTuningConfig
 
 
@@ -38,11 +38,10 @@ def hotswap_adapter(
     if kwargs.get("subfolder"):
         folder = os.path.join(folder, kwargs["subfolder"])
     LNTuningConfig.from_pretrained(folder)  # refuses folders of other adapter types, naming the file
-    weights = load_adapter_weights(folder)
     peft_config = getattr(getattr(model, "_orig_mod", model), "peft_config", None)
     if isinstance(peft_config, dict) and adapter_name not in peft_config:
         raise ValueError(
             f"Cannot hot-swap into adapter '{adapter_name}': it does not exist. Existing adapters: "
             f"{sorted(peft_config)}. Use load_adapter to add a new adapter."
         )
-    set_peft_model_state_dict(model, weights, adapter_name=adapter_name, strict=True)
+    load_into_adapter(model, folder, adapter_name)  # all-or-nothing; errors name the weights file

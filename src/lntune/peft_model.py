@@ -14,11 +14,11 @@ from lntune.checkpoint import (
     IncompatibleKeys,
     adapter_weights_path,
     atomic_write_bytes,
+    fill_adapter,
     get_peft_model_state_dict,
     read_adapter_weights,
     restore_on_error,
     serialize_adapter_weights,
-    set_peft_model_state_dict,
     write_adapter_weights,
 )
 from lntune.config import CONFIG_NAME, LNTuningConfig, TaskType
@@ -341,7 +341,7 @@ class PeftModel(nn.Module):
         with restore_on_error(model, adapter_name):
             with _naming_folder(folder, adapter_name, config_source):
                 peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-            _fill_adapter(peft_model, weights, weights_path, adapter_name)
+            fill_adapter(peft_model, weights, weights_path, adapter_name)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -392,7 +392,7 @@ class PeftModel(nn.Module):
             with restore_on_error(self.base_model.model, adapter_name):
                 with _naming_folder(folder, adapter_name, os.path.join(folder, CONFIG_NAME)):
                     self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
-                result = _fill_adapter(self, weights, weights_path, adapter_name)
+                result = fill_adapter(self, weights, weights_path, adapter_name)
         except BaseException:
             self.base_model.peft_config.pop(adapter_name, None)
             self.base_model.targeted_module_names = targeted
@@ -416,14 +416,6 @@ def _naming_folder(folder: str, adapter_name: str, config_source: str):
         raise CheckpointError(
             f"Cannot load adapter {folder} as '{adapter_name}' (config: {config_source}): {exc}"
         ) from None
-
-
-def _fill_adapter(model: nn.Module, weights: dict, weights_path: str, adapter_name: str) -> IncompatibleKeys:
-    """Strictly copy ``weights`` into ``adapter_name``'s copies; errors name ``weights_path``."""
-    try:
-        return set_peft_model_state_dict(model, weights, adapter_name=adapter_name, strict=True)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{weights_path}: {exc}") from None
 
 
 class PeftModelForCausalLM(PeftModel):

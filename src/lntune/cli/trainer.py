@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from transformers import Trainer
 
-from lntune.checkpoint import load_adapter_weights, set_peft_model_state_dict
+from lntune.checkpoint import load_into_adapter
 
 
 class AdapterTrainer(Trainer):
@@ -38,7 +38,7 @@ class AdapterTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        set_peft_model_state_dict(model, load_adapter_weights(resume_from_checkpoint), strict=True)
+        load_into_adapter(model, resume_from_checkpoint)
 
 
 def accuracy(prediction) -> dict[str, float]:
