@@ -103,6 +103,17 @@ def test_merge_swaps_and_unmerge_restores():
     assert layer.base_layer is original
 
 
+def test_modules_for_finds_each_adapter_merged_or_not():
+    layer = tuned_layer("a", "b")
+    original, copy_a, copy_b = layer.base_layer, layer.ln_tuning_layers["a"], layer.ln_tuning_layers["b"]
+    names = ["a", "b", "__base__", "missing"]
+    assert layer.modules_for(names) == [copy_a, copy_b, original, original]
+    layer.merge(["a"])  # swaps: base_layer holds a's copy, the slot of "a" holds the original
+    assert layer.base_layer is copy_a and layer.ln_tuning_layers["a"] is original
+    assert layer.modules_for(names) == [copy_a, copy_b, original, original]
+    assert [layer.module_for(n) for n in names] == [copy_a, copy_b, original, original]
+
+
 def test_merge_of_several_adapters_refused():
     layer = tuned_layer("a", "b")
     with pytest.raises(ValueError, match="one adapter at a time"):

@@ -77,9 +77,17 @@ class LNTuningLayer(AdapterStateMixin, nn.Module):
 
     def module_for(self, adapter_name: str) -> nn.Module:
         """The module that runs for ``adapter_name``: its copy, or the original if this layer lacks it."""
-        if adapter_name in self.ln_tuning_layers:
-            return self.adapter_module(adapter_name)
-        return self.original_module
+        return self.modules_for([adapter_name])[0]
+
+    def modules_for(self, adapter_names: Sequence[str]) -> list[nn.Module]:
+        """`module_for` of each name in one pass (``"__base__"`` gives the original): mixed batches use it."""
+        copies = dict(self.ln_tuning_layers._modules)
+        if self.merged_adapters:
+            original = copies[self.merged_adapters[0]]
+            copies[self.merged_adapters[0]] = self.base_layer
+        else:
+            original = self.base_layer
+        return [copies.get(name, original) for name in adapter_names]
 
     # ------------------------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, upcast: bool = False) -> None:

@@ -48,9 +48,7 @@ class BatchAdapters:
         """
         key = id(wrapper)
         if key not in self._cache:
-            self._cache[key] = [
-                wrapper.original_module if n == BASE_ADAPTER_NAME else wrapper.module_for(n) for n in self.names
-            ]
+            self._cache[key] = wrapper.modules_for(self.names)  # "__base__" is never an adapter's name
         return self._cache[key]
 
     def index_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,13 +165,14 @@ def _affine_forward(layer: LNTuningLayer, batch: BatchAdapters, index, x, args, 
         if weight is not None:
             out = out * weight
         return out if bias is None else out + bias
-    if not _elementwise_affine(ref, x):
+    names = _affine_parameter_names(layer, ref, x.shape[-1])
+    if names is None:
         return None
     verified = getattr(layer, "_broadcast_verified", None)
     if verified is False:
         return None
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-    params = _per_sample(layer, batch, [name for name, _ in ref.named_parameters()], index, shape)
+    params = _per_sample(layer, batch, names, index, shape)
     try:
         out = _call_with(ref, params, args, kwargs)
     except (RuntimeError, ValueError):
@@ -191,12 +190,21 @@ def _affine_forward(layer: LNTuningLayer, batch: BatchAdapters, index, x, args, 
     return out
 
 
-def _elementwise_affine(module: nn.Module, x: torch.Tensor) -> bool:
-    """A leaf module whose parameters are all vectors over the last input dimension."""
-    if any(True for _ in module.children()):
-        return False
-    params = list(module.parameters())
-    return bool(params) and all(p.dim() == 1 and p.shape[0] == x.shape[-1] for p in params)
+def _affine_parameter_names(layer: LNTuningLayer, ref: nn.Module, width: int) -> list[str] | None:
+    """``ref``'s parameter names if it is a leaf whose parameters are all vectors of ``width``, else None.
+
+    Remembered on the layer (the answer depends only on the module and the width), since every
+    forward of a mixed batch asks again.
+    """
+    key = (id(ref), width)
+    cached = getattr(layer, "_affine_names", None)
+    if cached is None or cached[0] != key:
+        params = dict(ref.named_parameters())
+        leaf = not any(True for _ in ref.children())
+        fits = bool(params) and all(p.dim() == 1 and p.shape[0] == width for p in params.values())
+        cached = (key, list(params) if leaf and fits else None)
+        object.__setattr__(layer, "_affine_names", cached)
+    return cached[1]
 
 
 def grouped_forward(runs: list[Callable], index: torch.Tensor, args: tuple, kwargs: dict) -> Any:

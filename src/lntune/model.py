@@ -464,10 +464,7 @@ class LNTuningModel(nn.Module):
         modules = [m for _, m in self.tuner_modules()]  # one walk of the model per forward
         if any(isinstance(m, LNTuningLayer) and m.merged for m in modules):
             raise ValueError("Cannot use adapter_names while an adapter is merged; call unmerge_adapter() first.")
-        checkpointing = getattr(self.model, "is_activation_checkpointing", None)
-        if checkpointing is None:
-            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
-        if checkpointing and self.model.training and torch.is_grad_enabled():
+        if self.model.training and torch.is_grad_enabled() and self._checkpointing():
             raise ValueError(
                 "Cannot train with adapter_names while gradient checkpointing is on: backward recomputes the "
                 "forward after the mixed batch has ended. Call gradient_checkpointing_disable(), or train one "
@@ -481,6 +478,13 @@ class LNTuningModel(nn.Module):
         finally:
             for module in modules:
                 module.set_batch_adapters(None)
+
+    def _checkpointing(self) -> bool:
+        """Whether the model uses gradient checkpointing (Transformers walks every module to tell)."""
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)  # Transformers 5
+        if checkpointing is None:
+            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        return bool(checkpointing)
 
     # -------------------------------------------------------------------------------- merge
     def _merge_target(self, adapter_names: Sequence[str] | None) -> list[str]:

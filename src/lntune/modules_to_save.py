@@ -41,9 +41,12 @@ class ModulesToSaveWrapper(AdapterStateMixin, nn.Module):
         self.original_module.requires_grad_(False)
 
     def module_for(self, adapter_name: str) -> nn.Module:
-        if adapter_name in self.modules_to_save:
-            return self.modules_to_save[adapter_name]
-        return self.original_module
+        return self.modules_for([adapter_name])[0]
+
+    def modules_for(self, adapter_names: Sequence[str]) -> list[nn.Module]:
+        """The copy of each name, or the original where there is none (``"__base__"`` included)."""
+        copies, original = self.modules_to_save._modules, self.original_module
+        return [copies.get(name, original) for name in adapter_names]
 
     def check_active(self, names: Sequence[str]) -> list[str]:
         """The adapters among ``names`` that have a copy here; raises if more than one does."""
