@@ -232,25 +232,16 @@ def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _wrappers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, LNTuningLayer | ModulesToSaveWrapper]]:
     """``(checkpoint key prefix, wrapper)`` for every wrapper in ``model`` that holds ``adapter_name``."""
     for name, module in model.named_modules():
-        name = _WRAPPER_PREFIX.sub("", name)
-        prefix = f"{name}." if name else ""
-        if isinstance(module, LNTuningLayer):
-            copies = module.ln_tuning_layers
-        elif isinstance(module, ModulesToSaveWrapper):
-            copies = module.modules_to_save
-        else:
-            continue
-        if adapter_name in copies:
-            yield prefix, module
+        if isinstance(module, (LNTuningLayer, ModulesToSaveWrapper)) and adapter_name in module.adapter_copies:
+            name = _WRAPPER_PREFIX.sub("", name)
+            yield (f"{name}." if name else ""), module
 
 
 def _adapter_modules(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
     """``(checkpoint key prefix, tuned module)`` for every copy of ``adapter_name`` in ``model``."""
     for prefix, wrapper in _wrappers(model, adapter_name):
-        if isinstance(wrapper, LNTuningLayer):
-            yield f"{prefix}{LN_KEY}.", wrapper.adapter_module(adapter_name)
-        else:
-            yield prefix, wrapper.modules_to_save[adapter_name]
+        key_prefix = f"{prefix}{LN_KEY}." if isinstance(wrapper, LNTuningLayer) else prefix
+        yield key_prefix, wrapper.module_for(adapter_name)
 
 
 def _original_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -69,6 +69,11 @@ class LNTuningLayer(AdapterStateMixin, nn.Module):
             return self.ln_tuning_layers[self.merged_adapters[0]]
         return self.base_layer
 
+    @property
+    def adapter_copies(self) -> nn.ModuleDict:
+        """The per-adapter copies (``ln_tuning_layers``), as `ModulesToSaveWrapper.adapter_copies`."""
+        return self.ln_tuning_layers
+
     def adapter_module(self, adapter_name: str) -> nn.Module:
         """The tuned copy of ``adapter_name``, wherever the merge put it (KeyError if absent)."""
         if adapter_name in self.merged_adapters:

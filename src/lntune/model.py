@@ -36,11 +36,6 @@ def _split_name(name: str) -> tuple[str, str]:
     return parent, child
 
 
-def _copies(module: TunerModule) -> nn.ModuleDict:
-    """The per-adapter copies of a wrapper."""
-    return module.ln_tuning_layers if isinstance(module, LNTuningLayer) else module.modules_to_save
-
-
 class LNTuningModel(nn.Module):
     """The tuner: wraps the target modules of ``model`` in `LNTuningLayer`s, in place.
 
@@ -208,7 +203,7 @@ class LNTuningModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists; choose another name.")
-        if any(adapter_name in _copies(m) for _, m in self.tuner_modules()):
+        if any(adapter_name in m.adapter_copies for _, m in self.tuner_modules()):
             raise ValueError(
                 f"The model already has an adapter '{adapter_name}' (from an earlier get_peft_model or "
                 "inject_adapter_in_model); use another adapter_name, add_adapter() on the existing PeftModel, or "
@@ -325,7 +320,7 @@ class LNTuningModel(nn.Module):
             )
         self._check_adapters(adapters)
         for name, module in self.tuner_modules():
-            copies = _copies(module)
+            copies = module.adapter_copies
             lacking = [a for a in adapters if a not in copies]
             if lacking and len(lacking) < len(adapters):
                 raise ValueError(
@@ -336,7 +331,7 @@ class LNTuningModel(nn.Module):
         self.inject_adapter(self.model, adapter_name, copy.deepcopy(self.peft_config[adapters[0]]))
         with torch.no_grad():
             for _, module in self.tuner_modules():
-                if adapter_name not in _copies(module):
+                if adapter_name not in module.adapter_copies:
                     continue
                 target = module.module_for(adapter_name)
                 states = [module.module_for(a).state_dict() for a in adapters]
@@ -413,7 +408,7 @@ class LNTuningModel(nn.Module):
     def _drop_empty_wrappers(self) -> None:
         """Put back the plain module where no adapter is left on a wrapper."""
         for name, module in list(self.tuner_modules()):
-            if len(_copies(module)) == 0:
+            if len(module.adapter_copies) == 0:
                 original = module.original_module
                 parent_name, child = _split_name(name)
                 setattr(self.model.get_submodule(parent_name), child, original)
@@ -432,7 +427,7 @@ class LNTuningModel(nn.Module):
         """Run the original modules everywhere (merged or not); no copy receives gradients."""
         for _, module in self.tuner_modules():
             module.enable_adapters(False)
-            module.set_requires_grad(list(_copies(module)), False)
+            module.set_requires_grad(list(module.adapter_copies), False)
 
     @contextmanager
     def disable_adapter(self):

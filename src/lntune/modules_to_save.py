@@ -40,6 +40,11 @@ class ModulesToSaveWrapper(AdapterStateMixin, nn.Module):
         self.modules_to_save[adapter_name] = module
         self.original_module.requires_grad_(False)
 
+    @property
+    def adapter_copies(self) -> nn.ModuleDict:
+        """The per-adapter copies (``modules_to_save``), as `LNTuningLayer.adapter_copies`."""
+        return self.modules_to_save
+
     def module_for(self, adapter_name: str) -> nn.Module:
         return self.modules_for([adapter_name])[0]
 
