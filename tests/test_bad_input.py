@@ -322,8 +322,6 @@ def test_pickle_with_code_is_refused_and_not_run(good_folder, folder, tmp_path, 
 
 def test_interrupt_during_copy_rolls_back(good_folder, perturb, monkeypatch):
     """Even a KeyboardInterrupt while tensors are being copied leaves the model as it was."""
-    import lntune.checkpoint as checkpoint
-
     calls = {"n": 0}
     real_copy = torch.Tensor.copy_
 
@@ -336,7 +334,7 @@ def test_interrupt_during_copy_rolls_back(good_folder, perturb, monkeypatch):
     model = loaded_model(good_folder, perturb, merged=False)
     base = make_tiny_model("llama")
     before_model, before_base = snapshot(model), snapshot(base)
-    monkeypatch.setattr(checkpoint.torch.Tensor, "copy_", flaky_copy)
+    monkeypatch.setattr(torch.Tensor, "copy_", flaky_copy)
     with pytest.raises(KeyboardInterrupt):
         model.load_adapter(good_folder, adapter_name="new")
     calls["n"] = 0
@@ -382,7 +380,7 @@ def test_from_pretrained_on_an_already_wrapped_model_is_refused(good_folder, per
 
 
 def test_restore_on_error_refuses_an_existing_adapter_name(good_folder, perturb):
-    from lntune.checkpoint import restore_on_error
+    from lntune.model import restore_on_error
 
     model = loaded_model(good_folder, perturb, merged=False)
     before = snapshot(model)

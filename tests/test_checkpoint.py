@@ -12,7 +12,7 @@ from conftest import make_inputs, make_tiny_model, model_output
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import lntune.checkpoint as checkpoint
+import lntune.checkpoint.files as checkpoint_files
 from lntune import (
     LNTuningConfig,
     LNTuningLayer,
@@ -24,7 +24,7 @@ from lntune import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
-from lntune.checkpoint import CheckpointError, load_adapter_weights
+from lntune.checkpoint import CheckpointError, adapter_weights_path, read_adapter_weights
 
 ST = "adapter_model.safetensors"
 BIN = "adapter_model.bin"
@@ -298,9 +298,9 @@ def test_failed_save_keeps_previous_files(tmp_path, perturb, monkeypatch, fail_o
         raise RuntimeError("cannot serialize")
 
     if fail_on == "serialize":
-        monkeypatch.setattr(checkpoint, "safetensors_save", failing_serialize)
+        monkeypatch.setattr(checkpoint_files, "safetensors_save", failing_serialize)
     else:
-        monkeypatch.setattr(checkpoint.os, "fdopen", failing_fdopen)
+        monkeypatch.setattr(checkpoint_files.os, "fdopen", failing_fdopen)
     with pytest.raises((OSError, RuntimeError)):
         new_model.save_pretrained(tmp_path)
     monkeypatch.undo()
@@ -324,7 +324,7 @@ def test_interrupted_save_keeps_previous_files(tmp_path, perturb, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.os, "replace", interrupted)
+    monkeypatch.setattr(checkpoint_files.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tuned("llama", perturb, seed=2).save_pretrained(tmp_path)
     monkeypatch.undo()
@@ -335,10 +335,10 @@ def test_atomic_write_bytes_keeps_permissions(tmp_path):
     old_umask = os.umask(0o022)
     try:
         path = tmp_path / "f.json"
-        checkpoint.atomic_write_bytes(path, b"1")
+        checkpoint_files.atomic_write_bytes(path, b"1")
         assert os.stat(path).st_mode & 0o777 == 0o644
         os.chmod(path, 0o600)
-        checkpoint.atomic_write_bytes(path, b"2")
+        checkpoint_files.atomic_write_bytes(path, b"2")
         assert os.stat(path).st_mode & 0o777 == 0o600 and path.read_bytes() == b"2"
     finally:
         os.umask(old_umask)
@@ -362,4 +362,4 @@ def test_bf16_adapter_file_loads_cast(tmp_path, perturb):
     loaded = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path)
     got = get_peft_model_state_dict(loaded)
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float()) for k, v in tensors.items())
-    assert load_adapter_weights(tmp_path).keys() == tensors.keys()
+    assert read_adapter_weights(adapter_weights_path(tmp_path)).keys() == tensors.keys()

@@ -93,7 +93,7 @@ def test_adapter_changed_and_loads_in_lntune_and_peft(files, trained):
     ours = PeftModel.from_pretrained(_base(files), trained)
     layers = [m for m in ours.modules() if isinstance(m, LNTuningLayer)]
     assert len(layers) == 5  # embeddings + 2 x (attention, output) LayerNorms of the tiny BERT
-    moved = [(m.adapter_module("default").weight - m.original_module.weight).abs().max() for m in layers]
+    moved = [(m.tuned_module("default").weight - m.original_module.weight).abs().max() for m in layers]
     assert max(moved) > 1e-3, "training did not change the LayerNorm copies"
     theirs = peft.PeftModel.from_pretrained(_base(files), str(trained))
     with torch.no_grad():

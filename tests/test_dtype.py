@@ -121,11 +121,11 @@ def test_modules_to_save_copies_are_float32_and_run_in_bf16(perturb):
 def test_to_float32_drops_the_cast_and_cast_call_restores_parameters():
     model = _bf16_llama()
     layer = model.base_model.model.model.norm
-    assert isinstance(layer._forward_fn, CastCall)
+    assert isinstance(layer.forward, CastCall)
     copy = layer.ln_tuning_layers["default"]
     weight = copy.weight
     layer(torch.ones(1, 2, 16, dtype=BF16))
     assert copy.weight is weight and isinstance(copy._parameters["weight"], torch.nn.Parameter)
     model.to(torch.float32)
     assert layer.compute_dtype == torch.float32
-    assert layer._forward_fn is copy
+    assert layer.forward is copy

@@ -92,7 +92,7 @@ def test_merge_swaps_and_unmerge_restores():
     layer.merge()
     assert layer.merged and layer.merged_adapters == ["a"]
     assert layer.base_layer is tuned and layer.ln_tuning_layers["a"] is original
-    assert layer.original_module is original and layer.adapter_module("a") is tuned
+    assert layer.original_module is original and layer.tuned_module("a") is tuned
     assert torch.equal(layer(X), before)
     layer.merge(["b"])  # another adapter: the first is unmerged first
     assert layer.merged_adapters == ["b"] and layer.ln_tuning_layers["a"] is tuned
@@ -103,15 +103,20 @@ def test_merge_swaps_and_unmerge_restores():
     assert layer.base_layer is original
 
 
-def test_modules_for_finds_each_adapter_merged_or_not():
+def test_accessors_find_each_adapter_merged_or_not():
     layer = tuned_layer("a", "b")
     original, copy_a, copy_b = layer.base_layer, layer.ln_tuning_layers["a"], layer.ln_tuning_layers["b"]
     names = ["a", "b", "__base__", "missing"]
-    assert layer.modules_for(names) == [copy_a, copy_b, original, original]
-    layer.merge(["a"])  # swaps: base_layer holds a's copy, the slot of "a" holds the original
-    assert layer.base_layer is copy_a and layer.ln_tuning_layers["a"] is original
-    assert layer.modules_for(names) == [copy_a, copy_b, original, original]
-    assert [layer.module_for(n) for n in names] == [copy_a, copy_b, original, original]
+    for merged in (False, True):
+        if merged:  # swaps: base_layer holds a's copy, the slot of "a" holds the original
+            layer.merge(["a"])
+            assert layer.base_layer is copy_a and layer.ln_tuning_layers["a"] is original
+        assert [layer.module_for(n) for n in names] == [copy_a, copy_b, original, original]
+        assert [layer.tuned_module(n) for n in ("a", "b")] == [copy_a, copy_b]
+        assert layer.original_module is original
+        assert [layer.has_adapter(n) for n in names] == [True, True, False, False]
+        with pytest.raises(KeyError):
+            layer.tuned_module("missing")
 
 
 def test_merge_of_several_adapters_refused():
@@ -148,7 +153,7 @@ def test_update_layer_while_merged_copies_the_original():
 def test_delete_adapter():
     layer = tuned_layer("a", "b")
     layer.merge()
-    with pytest.raises(ValueError, match="unmerge it first"):
+    with pytest.raises(ValueError, match="while they are merged. Please unmerge them first"):
         layer.delete_adapter("a")
     layer.unmerge()
     layer.delete_adapter("a")

@@ -55,7 +55,7 @@ def test_each_sample_runs_its_own_adapter(kind, perturb):
     _assert_rows_match(model, kind)
     assert all(m._batch_adapters is None for _, m in model.base_model.tuner_modules())
     if kind in ("llama", "t5"):  # LlamaRMSNorm / T5LayerNorm: per-sample weights broadcast in one call
-        assert all(layer._broadcast_verified for layer in model.modules() if isinstance(layer, LNTuningLayer))
+        assert all(layer._broadcast_ok for layer in model.modules() if isinstance(layer, LNTuningLayer))
 
 
 def test_linear_target_and_modules_to_save_use_the_grouped_path(perturb):

@@ -108,7 +108,7 @@ def test_e3_base_weights_never_become_trainable_while_merged(perturb, call):
         model.disable_adapter_layers()
         model.enable_adapter_layers()
     assert not any(p.requires_grad for p in original_params(model))
-    tuned_norm = model.get_base_model().model.norm.adapter_module("default")
+    tuned_norm = model.get_base_model().model.norm.tuned_module("default")
     assert all(p.requires_grad for p in tuned_norm.parameters())
     model.unmerge_adapter()
     assert trainable_names(model) == adapter_names

@@ -1,60 +1,69 @@
 """Mixed-adapter batches: every sample of one forward runs through its own adapter.
 
-Norm layers (``nn.LayerNorm``, ``nn.RMSNorm`` and element-wise-affine norms such as ``LlamaRMSNorm``)
-normalise the whole batch once and apply each sample's own weight and bias, gathered from a stack of
-the adapters' parameters. For norms other than torch's, that means running their own forward with
-per-sample parameters; the first such call on a layer is checked against the grouped path, which the
-layer keeps using if they differ. Any other module (and modules_to_save) runs once per adapter on its
-group of samples. Both paths are differentiable, so a mixed batch trains every adapter it names.
+The pieces here take modules, parameters and tensors, never a wrapper's internals; the wrappers
+(`LNTuningLayer`, `ModulesToSaveWrapper`) choose among them:
 
-A `BatchAdapters` lives for one forward or one ``generate``; it caches what does not change meanwhile
-(each wrapper's modules, row indices, and, without autograd, the stacked per-sample parameters).
+* **per-sample affine** (`per_sample_norm`): a norm normalises the whole batch once and applies each
+  sample's own weight and bias, gathered from the adapters' copies with one ``index_select`` per
+  parameter. torch's ``LayerNorm``/``RMSNorm`` run functionally; other norms (``LlamaRMSNorm``...) run
+  their own forward with per-sample parameters broadcast in.
+* **per-sample linear** (`per_sample_linear`): a ``Linear`` head applies each sample's own weight in one
+  batched matmul.
+* **grouped** (`grouped_forward`): any other module runs once per adapter on its group of samples.
+
+All three are differentiable, so a mixed batch trains every adapter it names. Their cost depends on
+the batch (the adapters it names), never on how many adapters are resident.
+
+A `BatchAdapters` lives for one forward or one ``generate`` and caches what does not change meanwhile:
+each wrapper's modules, row indices and, without autograd, the gathered per-sample parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from lntune.layer import LNTuningLayer
-
 BASE_ADAPTER_NAME = "__base__"
 
+#: Largest per-sample weight tensor (in elements) `per_sample_linear` gathers; bigger heads run grouped.
+MAX_GATHERED_WEIGHT = 1 << 22
 
-@dataclass
+
+class HasModuleFor(Protocol):
+    def module_for(self, adapter_name: str) -> nn.Module: ...
+
+
+@dataclass(eq=False)
 class BatchAdapters:
     """The adapter of each sample: ``names`` (unique, first-seen order) and ``index[i]`` into them."""
 
     names: list[str]
     index: torch.Tensor
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_names(cls, adapter_names: Sequence[str]) -> BatchAdapters:
+        """One entry per sample, for example ``["a", "b", "__base__", "a"]``."""
         names = list(dict.fromkeys(adapter_names))
         position = {name: i for i, name in enumerate(names)}
         return cls(names, torch.tensor([position[n] for n in adapter_names], dtype=torch.long))
 
-    def modules_of(self, wrapper: nn.Module) -> list[nn.Module]:
-        """What ``wrapper`` (an LN tuning layer or modules_to_save wrapper) runs for each of `names`.
-
-        Cached for the life of this batch (one forward or one generate), during which adapters do not change.
-        """
-        key = id(wrapper)
+    def modules_of(self, wrapper: HasModuleFor) -> list[nn.Module]:
+        """``wrapper.module_for(name)`` for each of `names`, computed once per batch."""
+        key = ("modules", id(wrapper))
         if key not in self._cache:
-            self._cache[key] = wrapper.modules_for(self.names)  # "__base__" is never an adapter's name
+            self._cache[key] = [wrapper.module_for(name) for name in self.names]
         return self._cache[key]
 
     def index_for(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row adapter index for ``x``; rows may be repeated per sample (beams, returned sequences)."""
         rows, samples = x.shape[0], self.index.numel()
-        key = (x.device, rows)
+        key = ("rows", x.device, rows)
         if key not in self._cache:
             if rows % samples:
                 raise ValueError(
@@ -64,8 +73,49 @@ class BatchAdapters:
             self._cache[key] = self.index.repeat_interleave(rows // samples).to(x.device)
         return self._cache[key]
 
+    def per_sample_parameters(
+        self,
+        owner: object,
+        modules: list[nn.Module],
+        shapes: dict[str, tuple[int, ...]],
+        index: torch.Tensor,
+        dtype: torch.dtype | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Parameter ``name`` of ``modules[index[i]]`` in row ``i``, in ``dtype``, viewed as ``shapes[name]``.
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+        ``modules`` are leaves with the same parameter names. Without autograd the result is kept for
+        the rest of the batch (parameters do not change during one forward or one ``generate``).
+
+        Args:
+            owner: The wrapper asking (the cache key, with the shapes).
+            modules: One module per adapter of the batch (`modules_of`).
+            shapes: ``{parameter name: shape of the per-row view}``, rows first.
+            index: Per-row index into ``modules`` (`index_for`).
+            dtype: The dtype to compute in (``None``: the parameters' own).
+
+        Returns:
+            ``{name: tensor}``; ``None`` for a parameter the modules set to ``None`` (``bias=False``).
+        """
+        key = ("parameters", id(owner), tuple(shapes.items()))
+        grad = torch.is_grad_enabled()
+        if not grad and key in self._cache:
+            return self._cache[key]
+        out: dict[str, torch.Tensor | None] = {}
+        for name, shape in shapes.items():
+            params = [m._parameters[name] for m in modules]  # leaves: faster than getattr
+            if params[0] is None:
+                out[name] = None
+                continue
+            # Skipping no-op casts and index_select instead of [index] each save microseconds per call.
+            params = [p if dtype is None or p.dtype == dtype else p.to(dtype) for p in params]
+            out[name] = torch.stack(params).index_select(0, index).view(shape)
+        if not grad:
+            self._cache[key] = out
+        return out
+
+
+def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The first tensor among a call's arguments (its dimension 0 is the batch)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return value
@@ -89,7 +139,7 @@ def check_batch_size(adapter_names: Sequence[str] | None, args: tuple, kwargs: d
         raise TypeError(
             f"adapter_names must be a list with one adapter name per sample, got the string {adapter_names!r}."
         )
-    rows = _first_tensor(args, kwargs).shape[0]
+    rows = first_tensor(args, kwargs).shape[0]
     if len(adapter_names) != rows:
         raise ValueError(
             f"adapter_names has {len(adapter_names)} entries, but the batch has {rows} samples; pass one adapter "
@@ -97,47 +147,96 @@ def check_batch_size(adapter_names: Sequence[str] | None, args: tuple, kwargs: d
         )
 
 
-def mixed_forward(layer: LNTuningLayer, batch: BatchAdapters, *args, **kwargs):
-    """Forward of ``layer`` with one adapter per sample (see the module docstring)."""
-    x = _first_tensor(args, kwargs)
-    index = batch.index_for(x)
-    modules = batch.modules_of(layer)
-    if len({id(m) for m in modules}) == 1:
-        return layer.runner_for(modules[0])(*args, **kwargs)
-    out = _affine_forward(layer, batch, index, x, args, kwargs)
-    if out is not None:
-        return out
-    return grouped_forward([layer.runner_for(m) for m in modules], index, args, kwargs)
+def affine_parameter_shape(module: nn.Module, x: torch.Tensor) -> tuple[list[str], tuple[int, ...]] | None:
+    """``(parameter names, their shape)`` if ``module`` is a leaf without buffers whose parameters all have
+    the shape of ``x``'s trailing dimensions (a norm's element-wise affine), else ``None``.
 
+    Modules with buffers (batch norms' running statistics) are left out: their forward updates state.
 
-def _stacked(modules: list[nn.Module], name: str, index: torch.Tensor, dtype, shape) -> torch.Tensor | None:
-    """Row ``i`` holds parameter ``name`` of ``modules[index[i]]``, in ``dtype``, viewed as ``shape``."""
-    params = [m._parameters[name] for m in modules]  # leaf modules; faster than getattr
-    if params[0] is None:
-        return None
-    # index_select and skipping no-op casts: each saves microseconds per call over [index] and .to().
-    params = [p if p.dtype == dtype else p.to(dtype) for p in params]
-    return torch.stack(params).index_select(0, index).view(*shape)
-
-
-def _per_sample(layer: LNTuningLayer, batch: BatchAdapters, names: list[str], index, shape) -> dict:
-    """``{name: per-sample parameter}`` for `_stacked`; reused within the batch when no gradient is needed.
-
-    Parameters do not change during one forward or one ``generate``, so inference (and every step of
-    generation) stacks them once per layer.
+    Example:
+        >>> affine_parameter_shape(nn.LayerNorm(8), torch.ones(2, 3, 8))
+        (['weight', 'bias'], (8,))
     """
-    key = ("per_sample", id(layer), shape)
-    grad = torch.is_grad_enabled()
-    if not grad and key in batch._cache:
-        return batch._cache[key]
-    modules = batch.modules_of(layer)
-    params = {name: _stacked(modules, name, index, layer.compute_dtype, shape) for name in names}
-    if not grad:
-        batch._cache[key] = params
-    return params
+    if module._buffers or any(True for _ in module.children()):
+        return None
+    params = [(name, p) for name, p in module._parameters.items() if p is not None]
+    if not params:
+        return None
+    shape = tuple(params[0][1].shape)
+    if not shape or len(shape) > x.dim() - 1 or tuple(x.shape[-len(shape) :]) != shape:
+        return None
+    if any(tuple(p.shape) != shape for _, p in params):
+        return None
+    return [name for name, _ in params], shape
 
 
-def _call_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+def is_exact_norm(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """torch's LayerNorm/RMSNorm called on one tensor: `per_sample_norm` computes it functionally."""
+    return type(module) in (nn.LayerNorm, nn.RMSNorm) and len(args) == 1 and not kwargs
+
+
+def per_sample_norm(reference: nn.Module, params: dict[str, torch.Tensor | None], args: tuple, kwargs: dict):
+    """``reference``'s forward with per-sample parameters ``params`` (shaped to broadcast over each row).
+
+    torch's ``LayerNorm``/``RMSNorm`` normalise without their affine and then apply ``params``; any other
+    module runs its own forward with ``params`` swapped in for the call (see `call_with`).
+
+    Args:
+        reference: A module of the type every adapter's copy has (the original).
+        params: From `BatchAdapters.per_sample_parameters`.
+        args: Positional arguments of the call.
+        kwargs: Keyword arguments of the call.
+
+    Returns:
+        The module's output for the whole batch.
+    """
+    if not is_exact_norm(reference, args, kwargs):
+        return call_with(reference, params, args, kwargs)
+    x = args[0]
+    dims = tuple(reference.normalized_shape)
+    if type(reference) is nn.LayerNorm:
+        out = F.layer_norm(x, dims, None, None, reference.eps)
+    else:
+        out = F.rms_norm(x, dims, None, reference.eps)
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def per_sample_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of each row of ``x`` with its own ``weight[i]`` (and ``bias[i]``), as one batched matmul.
+
+    Args:
+        x: ``(rows, ..., in_features)``.
+        weight: ``(rows, out_features, in_features)``.
+        bias: ``(rows, out_features)`` or ``None``.
+
+    Returns:
+        ``(rows, ..., out_features)``.
+
+    Example:
+        >>> per_sample_linear(torch.ones(2, 3), torch.ones(2, 4, 3), None).shape
+        torch.Size([2, 4])
+    """
+    rows, out_features = weight.shape[0], weight.shape[1]
+    flat = x.reshape(rows, -1, x.shape[-1])
+    if bias is None:
+        out = torch.bmm(flat, weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def can_run_linear_per_sample(modules: list[nn.Module], args: tuple, kwargs: dict) -> bool:
+    """Whether `per_sample_linear` can run this call: plain ``Linear`` copies on one tensor, small enough."""
+    if len(args) != 1 or kwargs or not all(type(m) is nn.Linear for m in modules):
+        return False
+    weight = modules[0].weight
+    return args[0].dim() >= 2 and args[0].shape[0] * weight.numel() <= MAX_GATHERED_WEIGHT
+
+
+def call_with(module: nn.Module, params: dict[str, torch.Tensor | None], args: tuple, kwargs: dict):
     """Run the leaf ``module`` with ``params`` in place of its own parameters (put back afterwards)."""
     slots = module._parameters
     saved = dict(slots)
@@ -146,65 +245,6 @@ def _call_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, 
         return module(*args, **kwargs)
     finally:
         slots.update(saved)
-
-
-def _affine_forward(layer: LNTuningLayer, batch: BatchAdapters, index, x, args, kwargs) -> torch.Tensor | None:
-    """Normalise once, then apply per-sample parameters; ``None`` where that does not apply."""
-    ref = layer.original_module
-    if type(ref) in (nn.LayerNorm, nn.RMSNorm) and len(args) == 1 and not kwargs:
-        dims = tuple(ref.normalized_shape)
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1 - len(dims)) + dims
-        params = _per_sample(
-            layer, batch, ["weight", "bias"] if type(ref) is nn.LayerNorm else ["weight"], index, shape
-        )
-        weight, bias = params["weight"], params.get("bias")
-        if type(ref) is nn.LayerNorm:
-            out = F.layer_norm(x, dims, None, None, ref.eps)
-        else:
-            out = F.rms_norm(x, dims, None, ref.eps)
-        if weight is not None:
-            out = out * weight
-        return out if bias is None else out + bias
-    names = _affine_parameter_names(layer, ref, x.shape[-1])
-    if names is None:
-        return None
-    verified = getattr(layer, "_broadcast_verified", None)
-    if verified is False:
-        return None
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-    params = _per_sample(layer, batch, names, index, shape)
-    try:
-        out = _call_with(ref, params, args, kwargs)
-    except (RuntimeError, ValueError):
-        out = None
-    if verified is None:
-        # First use on this layer: check the broadcast against the always-correct grouped path once.
-        grouped = grouped_forward([layer.runner_for(m) for m in batch.modules_of(layer)], index, args, kwargs)
-        ok = (
-            isinstance(out, torch.Tensor)
-            and out.shape == grouped.shape
-            and torch.allclose(out.float(), grouped.float(), rtol=1e-3, atol=1e-5)
-        )
-        object.__setattr__(layer, "_broadcast_verified", ok)
-        return grouped
-    return out
-
-
-def _affine_parameter_names(layer: LNTuningLayer, ref: nn.Module, width: int) -> list[str] | None:
-    """``ref``'s parameter names if it is a leaf whose parameters are all vectors of ``width``, else None.
-
-    Remembered on the layer (the answer depends only on the module and the width), since every
-    forward of a mixed batch asks again.
-    """
-    key = (id(ref), width)
-    cached = getattr(layer, "_affine_names", None)
-    if cached is None or cached[0] != key:
-        params = dict(ref.named_parameters())
-        leaf = not any(True for _ in ref.children())
-        fits = bool(params) and all(p.dim() == 1 and p.shape[0] == width for p in params.values())
-        cached = (key, list(params) if leaf and fits else None)
-        object.__setattr__(layer, "_affine_names", cached)
-    return cached[1]
 
 
 def grouped_forward(runs: list[Callable], index: torch.Tensor, args: tuple, kwargs: dict) -> Any:

@@ -16,7 +16,7 @@ from lntune.config import LNTuningConfig
 from lntune.layer import LNTuningLayer
 from lntune.mixed_batch import BASE_ADAPTER_NAME, BatchAdapters
 from lntune.modules_to_save import ModulesToSaveWrapper
-from lntune.precision import float_dtype, upcast_parameters
+from lntune.precision import float_dtype
 from lntune.targets import (
     TARGET_MODULES_BY_MODEL_TYPE,
     closest_names,
@@ -24,11 +24,9 @@ from lntune.targets import (
     detect_norm_layers,
     name_matches,
 )
-from lntune.tuner_state import as_names
+from lntune.wrapper import AdapterWrapper, as_names, named_wrappers, walk_modules
 
 logger = logging.getLogger(__name__)
-
-TunerModule = LNTuningLayer | ModulesToSaveWrapper
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -71,6 +69,8 @@ class LNTuningModel(nn.Module):
         self.peft_config: dict[str, LNTuningConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
         self.targeted_module_names: list[str] = []
+        self._wrappers: list[tuple[str, AdapterWrapper]] = []
+        self._rescan()
         if isinstance(config, dict):
             config = config[adapter_name]
         self.inject_adapter(self.model, adapter_name, config, autocast_adapter_dtype)
@@ -88,25 +88,25 @@ class LNTuningModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return as_names(self.active_adapter)
 
-    def tuner_modules(self) -> Iterator[tuple[str, TunerModule]]:
-        """``(name, module)`` for every `LNTuningLayer` and `ModulesToSaveWrapper` in the model."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, (LNTuningLayer, ModulesToSaveWrapper)):
-                yield name, module
+    def tuner_modules(self) -> list[tuple[str, AdapterWrapper]]:
+        """``(name, wrapper)`` for every `LNTuningLayer` and `ModulesToSaveWrapper` in the model.
+
+        The list is kept, not re-walked: it is rebuilt after every change lntune makes to the model's
+        structure (adding, deleting or unloading adapters).
+        """
+        return self._wrappers
+
+    def _rescan(self) -> None:
+        """Rebuild the kept list of wrappers (a walk that never enters a wrapper's copies)."""
+        self._wrappers = named_wrappers(self.model)
+        self.targeted_module_names = [n for n, m in self._wrappers if isinstance(m, LNTuningLayer)]
 
     def _ln_layers(self) -> list[LNTuningLayer]:
-        return [m for _, m in self.tuner_modules() if isinstance(m, LNTuningLayer)]
+        return [m for _, m in self._wrappers if isinstance(m, LNTuningLayer)]
 
     def _candidate_modules(self) -> list[tuple[str, nn.Module]]:
         """Modules that can be targeted: everything except the internals of our wrappers."""
-        out, skip = [], ()
-        for name, module in self.model.named_modules():
-            if not name or (skip and name.startswith(skip)):
-                continue
-            out.append((name, module))
-            if isinstance(module, (LNTuningLayer, ModulesToSaveWrapper)):
-                skip = (*skip, name + ".")
-        return out
+        return [(name, module) for name, module in walk_modules(self.model) if name]
 
     @property
     def merged(self) -> bool:
@@ -203,7 +203,7 @@ class LNTuningModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists; choose another name.")
-        if any(adapter_name in m.adapter_copies for _, m in self.tuner_modules()):
+        if any(m.has_adapter(adapter_name) for _, m in self.tuner_modules()):
             raise ValueError(
                 f"The model already has an adapter '{adapter_name}' (from an earlier get_peft_model or "
                 "inject_adapter_in_model); use another adapter_name, add_adapter() on the existing PeftModel, or "
@@ -220,36 +220,50 @@ class LNTuningModel(nn.Module):
         self._prepare_adapter_config(config, candidates)
         targets, save_names = self._find_targets(config, candidates)
 
-        if not self.peft_config:
-            model.requires_grad_(False)  # first adapter: only adapter copies will train
         existing = [m for _, m in self.tuner_modules()]
         disabled = bool(existing) and all(m.disable_adapters for m in existing)
-        self.peft_config[adapter_name] = config
-        modules = dict(candidates)
-        for name in targets:
-            parent_name, child = _split_name(name)
-            parent = model.get_submodule(parent_name)
-            self._create_and_replace(config, adapter_name, modules[name], child, parent, name)
-        for name in save_names:
-            module = modules[name]
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-            else:
+        with self._all_or_nothing(adapter_name):
+            if not self.peft_config:
+                model.requires_grad_(False)  # first adapter: only adapter copies will train
+            self.peft_config[adapter_name] = config
+            modules = dict(candidates)
+            for name in targets:
                 parent_name, child = _split_name(name)
-                wrapper = ModulesToSaveWrapper(module, adapter_name)
-                wrapper._active_adapter = self.active_adapters
-                setattr(model.get_submodule(parent_name), child, wrapper)
-        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        if disabled:  # new wrappers follow disable_adapter_layers() / disable_adapter() too
-            for _, module in self.tuner_modules():
-                module.enable_adapters(False)
-        # The new adapter trains only if active and not in inference mode; other adapters keep their state.
-        trainable = adapter_name in self.active_adapters and not config.inference_mode
-        for _, module in self.tuner_modules():
-            module.set_requires_grad(adapter_name, trainable)
-        self.targeted_module_names = sorted(
-            {*self.targeted_module_names, *targets}, key=[n for n, _ in model.named_modules()].index
-        )
+                parent = model.get_submodule(parent_name)
+                self._create_and_replace(config, adapter_name, modules[name], child, parent, name)
+            for name in save_names:
+                module = modules[name]
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.update_layer(adapter_name)
+                else:
+                    parent_name, child = _split_name(name)
+                    wrapper = ModulesToSaveWrapper(module, adapter_name)
+                    wrapper.set_adapter(self.active_adapters, inference_mode=True)
+                    setattr(model.get_submodule(parent_name), child, wrapper)
+            self._rescan()
+            self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+            if disabled:  # new wrappers follow disable_adapter_layers() / disable_adapter() too
+                for module in self._holders(adapter_name):
+                    module.enable_adapters(False)
+            # The new adapter trains only if active and not in inference mode; other adapters keep their state.
+            trainable = adapter_name in self.active_adapters and not config.inference_mode
+            for module in self._holders(adapter_name):
+                module.set_requires_grad(adapter_name, trainable)
+
+    def _holders(self, adapter_name: str) -> list[AdapterWrapper]:
+        """The wrappers that hold a copy of ``adapter_name``."""
+        return [m for _, m in self._wrappers if m.has_adapter(adapter_name)]
+
+    @contextmanager
+    def _all_or_nothing(self, adapter_name: str) -> Iterator[None]:
+        """Undo everything adding ``adapter_name`` did (wrappers, copies, flags, config) if the body raises."""
+        try:
+            with restore_on_error(self.model, adapter_name):
+                yield
+        except BaseException:
+            self.peft_config.pop(adapter_name, None)
+            self._rescan()
+            raise
 
     def _create_and_replace(
         self,
@@ -268,28 +282,23 @@ class LNTuningModel(nn.Module):
         setattr(parent, target_name, new_module)
 
     def _create_new_module(self, peft_config: LNTuningConfig, adapter_name: str, target: nn.Module) -> LNTuningLayer:
-        """A new `LNTuningLayer` around ``target``, following the model's active adapters."""
+        """A new, frozen `LNTuningLayer` around ``target``, following the model's active adapters."""
         layer = self.tuner_layer_cls(target, adapter_name)
-        layer._active_adapter = self.active_adapters
-        layer.set_requires_grad(adapter_name, False)
-        layer._refresh()
+        layer.set_adapter(self.active_adapters, inference_mode=True)
         return layer
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """With ``autocast_adapter_dtype``, store the adapter's float16/bfloat16 parameters in float32.
+        """With ``autocast_adapter_dtype``, keep the adapter's parameters in float32 (now and after casts).
 
         PEFT leaves LN copies in the model's dtype, where AdamW updates of ~1e-4 round away next to
         weights of ~1.0. Forward casts the parameters back to the model's dtype (`lntune.precision`).
-        Covers the LN copies and the modules_to_save copies.
+        Covers the LN copies and the modules_to_save copies; a later ``model.to(torch.bfloat16)`` or
+        ``.half()`` leaves them in float32.
         """
         if not autocast_adapter_dtype:
             return
-        for _, module in self.tuner_modules():
-            if isinstance(module, LNTuningLayer) and adapter_name in module.ln_tuning_layers:
-                upcast_parameters(module.adapter_module(adapter_name))
-                module._refresh()
-            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                upcast_parameters(module.modules_to_save[adapter_name])
+        for module in self._holders(adapter_name):
+            module.keep_in_float32(adapter_name)
 
     # ----------------------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name: str, config: LNTuningConfig, autocast_adapter_dtype: bool = True) -> None:
@@ -320,21 +329,18 @@ class LNTuningModel(nn.Module):
             )
         self._check_adapters(adapters)
         for name, module in self.tuner_modules():
-            copies = module.adapter_copies
-            lacking = [a for a in adapters if a not in copies]
+            lacking = [a for a in adapters if not module.has_adapter(a)]
             if lacking and len(lacking) < len(adapters):
                 raise ValueError(
                     f"Cannot combine adapters {adapters}: module '{name}' has copies of "
-                    f"{[a for a in adapters if a in copies]} but not of {lacking}. Combine adapters that tune "
-                    "the same modules."
+                    f"{[a for a in adapters if a not in lacking]} but not of {lacking}. Combine adapters that "
+                    "tune the same modules."
                 )
         self.inject_adapter(self.model, adapter_name, copy.deepcopy(self.peft_config[adapters[0]]))
         with torch.no_grad():
-            for _, module in self.tuner_modules():
-                if adapter_name not in module.adapter_copies:
-                    continue
-                target = module.module_for(adapter_name)
-                states = [module.module_for(a).state_dict() for a in adapters]
+            for module in self._holders(adapter_name):
+                target = module.tuned_module(adapter_name)
+                states = [module.tuned_module(a).state_dict() for a in adapters]
                 for key, tensor in target.state_dict(keep_vars=True).items():
                     if tensor.is_floating_point():
                         tensor.copy_(sum(w * state[key].float() for w, state in zip(weights, states)))
@@ -353,10 +359,9 @@ class LNTuningModel(nn.Module):
         """
         names = as_names(adapter_name)
         self._check_adapters(names)
-        modules = [module for _, module in self.tuner_modules()]  # one walk of the model
+        modules = [module for _, module in self.tuner_modules()]
         for module in modules:  # refuse before any layer changes
-            if isinstance(module, ModulesToSaveWrapper):
-                module.check_active(names)
+            module._active_names(names)
         if any(isinstance(m, LNTuningLayer) and m.merged for m in modules):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.unmerge_adapter()
@@ -387,7 +392,7 @@ class LNTuningModel(nn.Module):
             )
         for name in names:
             del self.peft_config[name]
-            for _, module in self.tuner_modules():
+            for module in self._holders(name):
                 module.delete_adapter(name)
         remaining = [n for n in self.active_adapters if n not in names]
         if not remaining and set(names) & set(self.active_adapters) and self.peft_config:
@@ -407,12 +412,12 @@ class LNTuningModel(nn.Module):
 
     def _drop_empty_wrappers(self) -> None:
         """Put back the plain module where no adapter is left on a wrapper."""
-        for name, module in list(self.tuner_modules()):
-            if len(module.adapter_copies) == 0:
-                original = module.original_module
-                parent_name, child = _split_name(name)
-                setattr(self.model.get_submodule(parent_name), child, original)
-        self.targeted_module_names = [n for n, m in self.tuner_modules() if isinstance(m, LNTuningLayer)]
+        empty = [(name, module) for name, module in self._wrappers if not module._all_available_adapter_names()]
+        for name, module in empty:
+            parent_name, child = _split_name(name)
+            setattr(self.model.get_submodule(parent_name), child, module.original_module)
+        if empty:
+            self._rescan()
 
     def enable_adapter_layers(self) -> None:
         """Re-enable the adapters (gradients follow the active adapter's inference_mode)."""
@@ -427,26 +432,24 @@ class LNTuningModel(nn.Module):
         """Run the original modules everywhere (merged or not); no copy receives gradients."""
         for _, module in self.tuner_modules():
             module.enable_adapters(False)
-            module.set_requires_grad(list(module.adapter_copies), False)
+            module._set_trainable(set())
 
     @contextmanager
     def disable_adapter(self):
         """Context in which the model behaves as the base model; the previous state (merged, grads) returns."""
-        params = [p for _, m in self.tuner_modules() for p in m.parameters()]
-        grads = [p.requires_grad for p in params]
-        enabled = {id(m): not m.disable_adapters for _, m in self.tuner_modules()}
+        before = {id(m): (not m.disable_adapters, m.trainable_adapters()) for _, m in self.tuner_modules()}
         active = self.active_adapters
         self.disable_adapter_layers()
         try:
             yield
         finally:
             for _, module in self.tuner_modules():
-                module.enable_adapters(enabled.get(id(module), True))
-            if self.active_adapters == active:
-                for p, g in zip(params, grads):
-                    p.requires_grad_(g)
-            elif self.active_adapters:  # set_adapter inside the context: gradients follow the new adapter
-                self.set_adapter(self.active_adapters)
+                enabled, trainable = before.get(id(module), (True, None))
+                module.enable_adapters(enabled)
+                if trainable is not None and self.active_adapters == active:
+                    module._set_trainable({n for n in trainable if module.has_adapter(n)})
+            if self.active_adapters != active and self.active_adapters:
+                self.set_adapter(self.active_adapters)  # set_adapter inside the context: gradients follow it
 
     @contextmanager
     def batch_adapters(self, adapter_names: Sequence[str] | None):
@@ -456,7 +459,7 @@ class LNTuningModel(nn.Module):
             return
         names = list(adapter_names)
         self._check_adapters([n for n in set(names) if n != BASE_ADAPTER_NAME])
-        modules = [m for _, m in self.tuner_modules()]  # one walk of the model per forward
+        modules = [m for _, m in self.tuner_modules()]
         if any(isinstance(m, LNTuningLayer) and m.merged for m in modules):
             raise ValueError("Cannot use adapter_names while an adapter is merged; call unmerge_adapter() first.")
         if self.model.training and torch.is_grad_enabled() and self._checkpointing():
@@ -557,7 +560,7 @@ class LNTuningModel(nn.Module):
             parent_name, child = _split_name(name)
             setattr(self.model.get_submodule(parent_name), child, replacement)
         self.peft_config = {}
-        self.targeted_module_names = []
+        self._rescan()
         return self.model
 
     def merge_and_unload(
@@ -576,3 +579,53 @@ class LNTuningModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
+
+
+def _base_parameters(root: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters of ``root`` outside adapter copies (a wrapper contributes its original module's)."""
+    for _, module in walk_modules(root):
+        if isinstance(module, AdapterWrapper):
+            yield from module.original_module.parameters()
+        else:
+            yield from (p for p in module._parameters.values() if p is not None)
+
+
+@contextmanager
+def restore_on_error(root: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Undo whatever adding ``adapter_name`` to ``root`` did, if the body raises (any exception).
+
+    Wrappers created in the body are replaced by the modules they wrap, wrappers that existed before
+    lose their ``adapter_name`` copy (if any), and the base parameters get back their ``requires_grad``
+    flags. Existing copies are never written by loading, so this restores ``root`` exactly. The cost
+    does not depend on how many adapters ``root`` holds. An `LNTuningModel`'s own bookkeeping
+    (``peft_config``, its list of wrappers) is the caller's to restore.
+
+    Args:
+        root: The model the adapter is added to (the base model, not the `PeftModel`).
+        adapter_name: The adapter being added; ``ValueError`` (before anything runs) if ``root`` holds it.
+
+    Example:
+        >>> with restore_on_error(model, "new"):
+        ...     LNTuningModel(model, config, "new")  # if this raises, model is as it was
+    """
+    wrappers = named_wrappers(root)
+    holder = next((name for name, w in wrappers if w.has_adapter(adapter_name)), None)
+    if holder is not None:
+        raise ValueError(
+            f"The model already holds adapter '{adapter_name}' (at '{holder}'); adding it again would overwrite "
+            "it. Load under another name, or start from a fresh base model (or unload() first)."
+        )
+    existing = {id(w) for _, w in wrappers}
+    grads = [(p, p.requires_grad) for p in _base_parameters(root)]
+    try:
+        yield
+    except BaseException:
+        for name, module in named_wrappers(root):
+            if id(module) in existing:
+                module.delete_adapter(adapter_name)
+            else:
+                parent, _, child = name.rpartition(".")
+                setattr(root.get_submodule(parent), child, module.original_module)
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        raise

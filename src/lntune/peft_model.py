@@ -17,15 +17,13 @@ from lntune.checkpoint import (
     fill_adapter,
     get_peft_model_state_dict,
     read_adapter_weights,
-    restore_on_error,
     serialize_adapter_weights,
     write_adapter_weights,
 )
 from lntune.config import CONFIG_NAME, LNTuningConfig, TaskType
-from lntune.layer import LNTuningLayer
 from lntune.mixed_batch import check_batch_size
-from lntune.model import LNTuningModel
-from lntune.modules_to_save import ModulesToSaveWrapper
+from lntune.model import LNTuningModel, restore_on_error
+from lntune.wrapper import AdapterWrapper
 
 _CLASSIFIER_MODULES = ["classifier", "score"]
 
@@ -320,7 +318,7 @@ class PeftModel(nn.Module):
         Example:
             >>> model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), "out")
         """
-        if any(isinstance(m, (LNTuningLayer, ModulesToSaveWrapper)) for m in model.modules()):
+        if any(isinstance(m, AdapterWrapper) for m in model.modules()):
             raise ValueError(
                 "The model passed to from_pretrained already contains lntune adapters (it was given to "
                 "get_peft_model or from_pretrained before). Call load_adapter on that PeftModel, or pass a "
@@ -387,16 +385,10 @@ class PeftModel(nn.Module):
         weights_path = adapter_weights_path(folder)
         weights = read_adapter_weights(weights_path)
         config.inference_mode = not is_trainable
-        targeted = list(self.base_model.targeted_module_names)
-        try:
-            with restore_on_error(self.base_model.model, adapter_name):
-                with _naming_folder(folder, adapter_name, os.path.join(folder, CONFIG_NAME)):
-                    self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
-                result = fill_adapter(self, weights, weights_path, adapter_name)
-        except BaseException:
-            self.base_model.peft_config.pop(adapter_name, None)
-            self.base_model.targeted_module_names = targeted
-            raise
+        with self.base_model._all_or_nothing(adapter_name):
+            with _naming_folder(folder, adapter_name, os.path.join(folder, CONFIG_NAME)):
+                self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
+            result = fill_adapter(self, weights, weights_path, adapter_name)
         if not is_trainable:
             self.eval()
         return result
