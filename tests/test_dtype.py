@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_inputs, make_tiny_model, model_output
 
@@ -129,3 +130,53 @@ def test_to_float32_drops_the_cast_and_cast_call_restores_parameters():
     model.to(torch.float32)
     assert layer.compute_dtype == torch.float32
     assert layer.forward is copy
+
+
+def _fp32_base() -> torch.nn.Module:
+    base = make_tiny_model("llama")
+    with torch.no_grad():
+        base.lm_head.weight.mul_(30)  # as in _bf16_base
+    return base
+
+
+CASTS = {  # name: (cast, the model's dtype after it)
+    "to(bf16)": (lambda m: m.to(BF16), BF16),
+    "to(dtype=fp16)": (lambda m: m.to(dtype=torch.float16), torch.float16),
+    "half()": (lambda m: m.half(), torch.float16),
+    "bfloat16()": (lambda m: m.bfloat16(), BF16),
+}
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+def test_casting_after_wrapping_keeps_float32_adapters(cast, perturb):
+    model = get_peft_model(_fp32_base(), LNTuningConfig(task_type=TaskType.CAUSAL_LM, modules_to_save=["lm_head"]))
+    perturb(model, scale=0.01)
+    tuned = _trainable(model)
+    apply, low = CASTS[cast]
+    apply(model)
+    params = dict(model.named_parameters())
+    for name, value in tuned.items():  # exact values: the cast did not round them through low precision
+        assert params[name].dtype == torch.float32 and torch.equal(params[name], value), name
+    assert {n: p.dtype for n, p in params.items() if n not in tuned and p.dtype != low} == {}
+    with torch.no_grad():
+        assert model_output(model, make_inputs("llama")).dtype == low
+
+
+def test_float32_adapters_learn_after_the_model_is_cast_to_bf16():
+    model = get_peft_model(_fp32_base(), LNTuningConfig(task_type=TaskType.CAUSAL_LM)).to(BF16)
+    before = _trainable(model)
+    assert before and all(p.dtype == torch.float32 for p in before.values())
+    losses = _train(model)
+    assert all(not torch.equal(before[n], p) for n, p in _trainable(model).items())
+    assert losses[-1] < losses[0] - 0.01
+
+
+def test_adapters_without_autocast_follow_the_model_dtype():
+    model = get_peft_model(_fp32_base(), LNTuningConfig(task_type=TaskType.CAUSAL_LM), autocast_adapter_dtype=False)
+    model.add_adapter("kept", LNTuningConfig(task_type=TaskType.CAUSAL_LM))  # autocast_adapter_dtype=True
+    model.to(BF16)
+    params = dict(model.named_parameters())
+    assert {p.dtype for n, p in params.items() if ".ln_tuning_layers.default." in n} == {BF16}
+    assert {p.dtype for n, p in params.items() if ".ln_tuning_layers.kept." in n} == {torch.float32}
+    model.to(torch.float64)  # a cast to a wider type applies to every adapter
+    assert all(p.dtype == torch.float64 for p in model.parameters())

@@ -106,9 +106,10 @@ class BatchAdapters:
             if params[0] is None:
                 out[name] = None
                 continue
-            # Skipping no-op casts and index_select instead of [index] each save microseconds per call.
-            params = [p if dtype is None or p.dtype == dtype else p.to(dtype) for p in params]
-            out[name] = torch.stack(params).index_select(0, index).view(shape)
+            stacked = torch.stack(params)  # differentiable: gradients reach each adapter's parameters
+            if dtype is not None and stacked.dtype != dtype:
+                stacked = stacked.to(dtype)
+            out[name] = stacked.index_select(0, index).view(shape)
         if not grad:
             self._cache[key] = out
         return out
@@ -199,9 +200,9 @@ def per_sample_norm(reference: nn.Module, params: dict[str, torch.Tensor | None]
     else:
         out = F.rms_norm(x, dims, None, reference.eps)
     weight, bias = params.get("weight"), params.get("bias")
-    if weight is not None:
-        out = out * weight
-    return out if bias is None else out + bias
+    if weight is None:
+        return out if bias is None else out + bias
+    return out * weight if bias is None else torch.addcmul(bias, out, weight)  # one pass over the activations
 
 
 def per_sample_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -412,7 +412,7 @@ class LNTuningModel(nn.Module):
 
     def _drop_empty_wrappers(self) -> None:
         """Put back the plain module where no adapter is left on a wrapper."""
-        empty = [(name, module) for name, module in self._wrappers if not module._all_available_adapter_names()]
+        empty = [(name, module) for name, module in self._wrappers if module.adapter_count() == 0]
         for name, module in empty:
             parent_name, child = _split_name(name)
             setattr(self.model.get_submodule(parent_name), child, module.original_module)

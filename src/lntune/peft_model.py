@@ -389,7 +389,7 @@ class PeftModel(nn.Module):
             with _naming_folder(folder, adapter_name, os.path.join(folder, CONFIG_NAME)):
                 self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
             result = fill_adapter(self, weights, weights_path, adapter_name)
-        if not is_trainable:
+        if not is_trainable and self.training:  # eval() visits every module: skip it when already in eval mode
             self.eval()
         return result
 

@@ -112,6 +112,10 @@ class AdapterWrapper(nn.Module):
         """Whether this wrapper holds a copy for ``adapter_name``."""
         return adapter_name in self._copies._modules
 
+    def adapter_count(self) -> int:
+        """How many adapters have a copy here."""
+        return len(self._copies._modules)
+
     def _all_available_adapter_names(self) -> list[str]:
         """Every adapter with a copy here (PEFT's name)."""
         return list(self._copies._modules)
