@@ -177,7 +177,7 @@ class LNTuningModel(nn.Module):
                 f"modules_to_save={config.modules_to_save} matches no module of the model. Closest module "
                 f"names: {closest_names(config.modules_to_save, [n for n, _ in candidates])}."
             )
-        wrapped = {n: m for n, m in candidates if isinstance(m, (LNTuningLayer, ModulesToSaveWrapper))}
+        wrapped = {n: m for n, m in candidates if isinstance(m, AdapterWrapper)}
         for name in (*targets, *save_names):
             inner = [w for w in (*wrapped, *save_names) if w.startswith(name + ".")]
             inner += [name] if isinstance(wrapped.get(name), ModulesToSaveWrapper) and name in targets else []
@@ -362,7 +362,7 @@ class LNTuningModel(nn.Module):
         modules = [module for _, module in self.tuner_modules()]
         for module in modules:  # refuse before any layer changes
             module._active_names(names)
-        if any(isinstance(m, LNTuningLayer) and m.merged for m in modules):
+        if any(m.merged for m in modules):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.unmerge_adapter()
         if inference_mode is None:
@@ -460,7 +460,7 @@ class LNTuningModel(nn.Module):
         names = list(adapter_names)
         self._check_adapters([n for n in set(names) if n != BASE_ADAPTER_NAME])
         modules = [m for _, m in self.tuner_modules()]
-        if any(isinstance(m, LNTuningLayer) and m.merged for m in modules):
+        if any(m.merged for m in modules):
             raise ValueError("Cannot use adapter_names while an adapter is merged; call unmerge_adapter() first.")
         if self.model.training and torch.is_grad_enabled() and self._checkpointing():
             raise ValueError(
