@@ -6,9 +6,11 @@ import copy
 import json
 import pickle
 
+import peft  # a test dependency: PEFT's own enums must be accepted
 import pytest
 
 from lntune import LNTuningConfig, PeftType, TaskType
+from lntune.config import PEFT_FORMAT_VERSION
 
 PEFT_KEYS = {
     "auto_mapping",
@@ -51,9 +53,20 @@ def test_invalid_task_type_message_lists_valid_ones():
     )
 
 
-def test_other_peft_type_refused():
-    with pytest.raises(ValueError, match="LN_TUNING"):
-        LNTuningConfig(peft_type="LORA")
+@pytest.mark.parametrize("task_type", list(peft.TaskType))
+def test_peft_s_own_enums_accepted(task_type):
+    # str(peft.TaskType.CAUSAL_LM) is 'TaskType.CAUSAL_LM': the enum's value must be used, not its str().
+    config = LNTuningConfig(task_type=task_type, peft_type=peft.PeftType.LN_TUNING)
+    assert config.task_type is TaskType(task_type.value)
+    assert config.to_dict()["task_type"] == task_type.value and config.peft_type is PeftType.LN_TUNING
+
+
+def test_other_peft_type_becomes_ln_tuning_with_a_warning():
+    # As in PEFT, an LNTuningConfig is always LN_TUNING (PEFT's test_set_attributes passes peft_type="test").
+    with pytest.warns(UserWarning, match="ignores peft_type='LORA'"):
+        config = LNTuningConfig(peft_type="LORA")
+    assert config.peft_type is PeftType.LN_TUNING
+    assert LNTuningConfig.from_dict(config.to_dict()).peft_type is PeftType.LN_TUNING
 
 
 def test_fields_of_other_methods_refused():
@@ -87,11 +100,14 @@ def test_save_and_load_round_trip(tmp_path):
     config.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert set(data) == PEFT_KEYS
-    assert data["inference_mode"] is True  # always true on disk, as PEFT writes it
-    assert config.inference_mode is False  # ... without changing the object
+    assert data["inference_mode"] is False  # the config as it is (PeftModel.save_pretrained writes true)
     loaded = LNTuningConfig.from_pretrained(tmp_path)
-    assert loaded.to_dict() == {**config.to_dict(), "inference_mode": True}
-    assert LNTuningConfig.from_json_file(tmp_path / "adapter_config.json").to_dict() == loaded.to_dict()
+    assert loaded.to_dict() == config.to_dict()
+    # As PEFT's: from_json_file returns the file's dict, runtime_config (never meant for files) dropped.
+    assert LNTuningConfig.from_json_file(tmp_path / "adapter_config.json") == config.to_dict()
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "runtime_config": {"x": 1}}))
+    with pytest.warns(UserWarning, match="runtime_config"):
+        assert LNTuningConfig.from_json_file(tmp_path / "adapter_config.json") == config.to_dict()
 
 
 def test_from_pretrained_subfolder(tmp_path):
@@ -101,7 +117,8 @@ def test_from_pretrained_subfolder(tmp_path):
 
 def test_unknown_keys_ignored_with_warning():
     data = {**LNTuningConfig().to_dict(), "layers_to_transform": None, "new_field": 1}
-    with pytest.warns(UserWarning, match=r"ignoring unknown keys \['layers_to_transform', 'new_field'\]"):
+    message = r"Unexpected keyword arguments \['layers_to_transform', 'new_field'\] for class LNTuningConfig"
+    with pytest.warns(UserWarning, match=message):
         config = LNTuningConfig.from_dict(data)
     assert config.peft_type == PeftType.LN_TUNING
 
@@ -109,7 +126,7 @@ def test_unknown_keys_ignored_with_warning():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({}, "missing 'peft_type'"),
+        ({}, r"missing required keys: \{'peft_type'\}"),
         ({"peft_type": "LORA"}, "peft_type is 'LORA'"),
         ({"peft_type": "LN_TUNING", "task_type": "FOO"}, "Invalid task type"),
         ({"peft_type": "LN_TUNING", "inference_mode": "yes"}, "'inference_mode' must be true or false"),
@@ -133,8 +150,15 @@ def test_bad_files_name_the_path(tmp_path):
         LNTuningConfig.from_pretrained(tmp_path)
 
 
-def test_peft_version_kept():
-    assert LNTuningConfig.from_dict({"peft_type": "LN_TUNING", "peft_version": "0.21.2"}).peft_version == "0.21.2"
+def test_missing_peft_type_is_also_peft_s_type_error():
+    with pytest.raises(TypeError, match="is not an adapter config"):
+        LNTuningConfig.from_dict({"foo": "bar"})
+
+
+def test_peft_version_filled_in_and_kept():
+    assert LNTuningConfig().peft_version == PEFT_FORMAT_VERSION == "0.21.2"
+    assert LNTuningConfig.from_dict({"peft_type": "LN_TUNING", "peft_version": "0.10"}).peft_version == "0.10"
+    assert LNTuningConfig.from_dict({"peft_type": "LN_TUNING", "peft_version": None}).peft_version == "0.21.2"
 
 
 def test_copy_deepcopy_pickle_are_independent():

@@ -173,10 +173,11 @@ def test_float32_adapters_learn_after_the_model_is_cast_to_bf16():
 
 def test_adapters_without_autocast_follow_the_model_dtype():
     model = get_peft_model(_fp32_base(), LNTuningConfig(task_type=TaskType.CAUSAL_LM), autocast_adapter_dtype=False)
-    model.add_adapter("kept", LNTuningConfig(task_type=TaskType.CAUSAL_LM))  # autocast_adapter_dtype=True
+    model.add_adapter("kept", LNTuningConfig(task_type=TaskType.CAUSAL_LM), autocast_adapter_dtype=True)
+    model.add_adapter("inherits", LNTuningConfig(task_type=TaskType.CAUSAL_LM))  # as the model was created
     model.to(BF16)
     params = dict(model.named_parameters())
-    assert {p.dtype for n, p in params.items() if ".ln_tuning_layers.default." in n} == {BF16}
-    assert {p.dtype for n, p in params.items() if ".ln_tuning_layers.kept." in n} == {torch.float32}
+    for adapter, dtype in (("default", BF16), ("inherits", BF16), ("kept", torch.float32)):
+        assert {p.dtype for n, p in params.items() if f".ln_tuning_layers.{adapter}." in n} == {dtype}, adapter
     model.to(torch.float64)  # a cast to a wider type applies to every adapter
     assert all(p.dtype == torch.float64 for p in model.parameters())

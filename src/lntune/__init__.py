@@ -4,6 +4,7 @@
 >>> model = get_peft_model(base_model, LNTuningConfig(task_type=TaskType.CAUSAL_LM))
 """
 
+from lntune.base_state import get_base_model_state_dict, set_base_model_state_dict
 from lntune.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from lntune.config import LNTuningConfig, PeftType, TaskType
 from lntune.hotswap import hotswap_adapter
@@ -21,6 +22,7 @@ from lntune.peft_model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from lntune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from lntune.targets import TARGET_MODULES_BY_MODEL_TYPE, detect_norm_layers
 
 __version__ = "0.1.0"
@@ -40,10 +42,16 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "detect_norm_layers",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",
     "inject_adapter_in_model",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

@@ -15,6 +15,15 @@ from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "LN_TUNING"
+# The PEFT release whose adapter_config.json / weights format lntune writes (and whose own test suite
+# scripts/peft_conformance.sh runs against lntune). New configs record it as ``peft_version``, so that PEFT's
+# version-dependent loading code treats lntune's files as files of that release.
+PEFT_FORMAT_VERSION = "0.21.2"
+
+
+class MissingConfigKeyError(ValueError, TypeError):
+    """An adapter config lacks a required key: a ``ValueError`` as lntune's other config errors, and the
+    ``TypeError`` PEFT raises for the same file."""
 
 
 class TaskType(str, enum.Enum):
@@ -38,6 +47,11 @@ class PeftType(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def _enum_value(value: Any) -> Any:
+    """``TaskType.CAUSAL_LM`` of any library (PEFT's included) -> ``"CAUSAL_LM"``; other values unchanged."""
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _check_module_names(name: str, value: Any) -> list[str] | str | None:
@@ -66,7 +80,9 @@ class LNTuningConfig:
         base_model_name_or_path: Where the base model came from; filled in by `get_peft_model`.
         revision: Revision of the base model, kept for PEFT compatibility.
         auto_mapping: PEFT's record of the base model class for custom models.
-        peft_version: Version of the library that wrote the file (kept when loading PEFT's files).
+        peft_version: The PEFT release whose file format the adapter follows. ``None`` fills in
+            `PEFT_FORMAT_VERSION` (the release lntune writes and is tested against, as PEFT fills in its own
+            version); a loaded file keeps its value.
 
     Example:
         >>> from lntune import LNTuningConfig, TaskType
@@ -89,17 +105,22 @@ class LNTuningConfig:
     def __post_init__(self) -> None:
         if self.task_type is not None:
             try:
-                self.task_type = TaskType(str(self.task_type))
+                self.task_type = TaskType(_enum_value(self.task_type))
             except ValueError:
                 valid = ", ".join(t.value for t in TaskType)
                 raise ValueError(
                     f"Invalid task type: '{self.task_type}'. Must be one of the following task types: {valid}."
                 ) from None
-        if str(self.peft_type) != PEFT_TYPE:
-            raise ValueError(
-                f"LNTuningConfig got peft_type={self.peft_type!r}; lntune only handles '{PEFT_TYPE}' adapters."
+        if _enum_value(self.peft_type) != PEFT_TYPE:
+            # As PEFT's LNTuningConfig does, the type is always LN_TUNING; say so instead of staying silent.
+            warnings.warn(
+                f"LNTuningConfig ignores peft_type={_enum_value(self.peft_type)!r}: an LNTuningConfig is always "
+                f"'{PEFT_TYPE}'. Use the config class of the method you want for other adapter types.",
+                stacklevel=3,
             )
         self.peft_type = PeftType.LN_TUNING
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
         self.target_modules = _check_module_names("target_modules", self.target_modules)
         self.exclude_modules = _check_module_names("exclude_modules", self.exclude_modules)
         modules_to_save = _check_module_names("modules_to_save", self.modules_to_save)
@@ -129,35 +150,43 @@ class LNTuningConfig:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` (created if needed), atomically.
 
-        The file always says ``"inference_mode": true``, as PEFT's do; the object is not changed.
+        The file holds `to_dict` as it is, as PEFT's config does (`PeftModel.save_pretrained` writes
+        ``"inference_mode": true`` for the adapters it saves).
         """
         from lntune.checkpoint import atomic_write_bytes
 
         os.makedirs(save_directory, exist_ok=True)
-        data = self.to_dict()
-        data["inference_mode"] = True
-        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), text.encode("utf-8"))
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode("utf-8"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> LNTuningConfig:
         """Build a config from a dict such as ``json.load(adapter_config.json)``.
 
-        Unknown keys (from newer PEFT versions or other methods' defaults) are ignored with a warning.
-        Raises ``ValueError`` naming ``source`` and the field at fault.
+        Unknown keys (from newer PEFT versions or other methods' defaults) are ignored with a warning
+        worded as PEFT's. Raises ``ValueError`` naming ``source`` and the field at fault (for a missing
+        ``peft_type``, a `MissingConfigKeyError`, which is also the ``TypeError`` PEFT raises).
         """
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}.")
         if "peft_type" not in data:
-            raise ValueError(f'{source}: missing \'peft_type\'; expected "peft_type": "{PEFT_TYPE}".')
-        if data["peft_type"] != PEFT_TYPE:
+            raise MissingConfigKeyError(
+                f"{source}: The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                f"{{'peft_type'}}. It is not an adapter config; an LN tuning adapter's says "
+                f'"peft_type": "{PEFT_TYPE}".'
+            )
+        if _enum_value(data["peft_type"]) != PEFT_TYPE:
             raise ValueError(
                 f"{source}: peft_type is {data['peft_type']!r}, but lntune only loads '{PEFT_TYPE}' adapters."
             )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            warnings.warn(f"{source}: ignoring unknown keys {unknown}.", stacklevel=2)
+            warnings.warn(
+                f"Unexpected keyword arguments {unknown} for class {cls.__name__}, these are ignored. ({source} "
+                "was probably written by a newer PEFT version, or holds another adapter method's fields; lntune "
+                "reads the LN tuning fields only.)",
+                stacklevel=2,
+            )
         kwargs = {k: v for k, v in data.items() if k in known}
         if not isinstance(kwargs.get("inference_mode", False), bool):
             raise ValueError(f"{source}: 'inference_mode' must be true or false.")
@@ -172,9 +201,25 @@ class LNTuningConfig:
             raise ValueError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> LNTuningConfig:
-        """Read a config from a JSON file; errors name the file and the problem."""
-        path = os.fspath(path)
+    def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
+        """Read an ``adapter_config.json`` as a dict (as PEFT's ``from_json_file`` does); `from_dict` builds the config.
+
+        A ``runtime_config`` entry (PEFT's runtime-only settings, never meant for files) is dropped with a warning.
+
+        Args:
+            path_json_file: The JSON file.
+
+        Returns:
+            The file's JSON object.
+
+        Raises:
+            FileNotFoundError / ValueError: naming the file when it is missing or not valid JSON.
+
+        Example:
+            >>> LNTuningConfig.from_json_file("out/adapter_config.json")["peft_type"]
+            'LN_TUNING'
+        """
+        path = os.fspath(path_json_file)
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -182,7 +227,14 @@ class LNTuningConfig:
             raise FileNotFoundError(f"No adapter config at {path}.") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=path)
+        if isinstance(data, dict) and "runtime_config" in data:
+            warnings.warn(
+                f"The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations "
+                f"are only valid at runtime. ({path})",
+                stacklevel=2,
+            )
+            del data["runtime_config"]
+        return data
 
     @classmethod
     def from_pretrained(
@@ -196,7 +248,8 @@ class LNTuningConfig:
             raise FileNotFoundError(
                 f"Adapter folder {folder} does not exist; lntune loads adapters from local folders only."
             )
-        return cls.from_json_file(os.path.join(folder, CONFIG_NAME))
+        path = os.path.join(folder, CONFIG_NAME)
+        return cls.from_dict(cls.from_json_file(path), source=path)
 
     def copy(self) -> LNTuningConfig:
         return copy.deepcopy(self)

@@ -387,8 +387,8 @@ class LNTuningModel(nn.Module):
         merged = sorted({n for layer in self._ln_layers() for n in layer.merged_adapters if n in names})
         if merged:
             raise ValueError(
-                f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first "
-                "(unmerge_adapter())."
+                f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first. "
+                "Call unmerge_adapter(), then delete."
             )
         for name in names:
             del self.peft_config[name]

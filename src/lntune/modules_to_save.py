@@ -34,6 +34,11 @@ class ModulesToSaveWrapper(AdapterWrapper):
     adapter_layer_names = ("modules_to_save",)
     _base_slot = "original_module"
 
+    @property
+    def _adapters(self) -> set[str]:
+        """The adapters with a copy here (PEFT's name)."""
+        return set(self._all_available_adapter_names())
+
     def _active_names(self, names: list[str]) -> list[str]:
         present = [n for n in names if self.has_adapter(n)]
         if len(present) > 1:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,11 +24,43 @@ from lntune.checkpoint import (
     write_adapter_weights,
 )
 from lntune.config import CONFIG_NAME, LNTuningConfig, TaskType
+from lntune.hub import push_adapter_to_hub
 from lntune.mixed_batch import check_batch_size
 from lntune.model import LNTuningModel, restore_on_error
 from lntune.wrapper import AdapterWrapper
 
+if TYPE_CHECKING:
+    from lntune.status import TunerLayerStatus, TunerModelStatus
+
 _CLASSIFIER_MODULES = ["classifier", "score"]
+
+# Public names of PEFT's PeftModel (and of its tuner, which PeftModel forwards to) that lntune does not
+# implement. Without this list, PeftModel.__getattr__ would hand them on to the base model, which may have a
+# method of the same name doing something else; tests/test_peft_api.py keeps the list complete.
+NOT_IN_LNTUNE = {
+    "get_prompt": "prompt learning only; LN tuning adds no virtual tokens",
+    "get_prompt_embedding_to_save": "prompt learning only; LN tuning adds no virtual tokens",
+    "get_model_config": "a helper of PEFT's BaseTuner; read model.config (Transformers) instead",
+    "uses_shared_state": "an attribute of PEFT's BaseTuner for methods with state shared across layers; LN tuning "
+    "has none",
+}
+
+
+def _base_model_id(model: nn.Module) -> str | None:
+    """The Hub id or path the base model was loaded from (``config._name_or_path``), as PEFT's model card uses."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _make_inputs_require_grad(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad (once), so reentrant checkpointing keeps the graph."""
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+        return
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):
+        embeddings = model.get_input_embeddings()
+        model._require_grads_hook = embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())
 
 
 def _model_card(base_model: str | None) -> str:
@@ -64,6 +99,9 @@ class PeftModel(nn.Module):
         trainable params: 80 || all params: 6,816 || trainable%: 1.1737
     """
 
+    # PEFT's flag for prompt-learning methods (PEFT's helpers and integrations read it).
+    _is_prompt_learning = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -80,6 +118,7 @@ class PeftModel(nn.Module):
             cls = type(model)
             peft_config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
         self.base_model = LNTuningModel(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+        self._autocast_adapter_dtype = autocast_adapter_dtype  # the default of add_adapter / load_adapter
         self.training = model.training
         # Checkpointing enabled before wrapping needs the fix of gradient_checkpointing_enable too.
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # Transformers 5; 4.x name below
@@ -100,6 +139,11 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in NOT_IN_LNTUNE:
+                raise AttributeError(
+                    f"'{type(self).__name__}' has no attribute '{name}': PEFT's PeftModel.{name} is not part of "
+                    f"lntune ({NOT_IN_LNTUNE[name]})."
+                ) from None
             return getattr(self.base_model, name)
 
     # --------------------------------------------------------------------------- properties
@@ -120,6 +164,32 @@ class PeftModel(nn.Module):
         return "LN_TUNING"
 
     @property
+    def active_peft_config(self) -> LNTuningConfig:
+        """The config of the active adapter (PEFT's ``active_peft_config``)."""
+        active = self.active_adapters
+        if len(active) != 1:
+            raise ValueError(
+                f"active_peft_config needs exactly one active adapter, but the active adapters are {active}; "
+                "call set_adapter(name) first."
+            )
+        return self.peft_config[active[0]]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether an adapter is active and not disabled (by `disable_adapter` or ``disable_adapter_layers``)."""
+        wrappers = [m for _, m in self.base_model.tuner_modules()]
+        return bool(self.active_adapters) and any(not m.disable_adapters for m in wrappers)
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        """The base model's ``dtype`` attribute (Transformers models have one), else None."""
+        return getattr(self.get_base_model(), "dtype", None)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """False: LN tuning replaces modules instead of adding a low-rank delta, so it has no LoRA form."""
+        return False
+
+    @property
     def modules_to_save(self) -> set[str] | None:
         names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
         return names or None
@@ -127,6 +197,19 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The underlying model (containing the wrapped layers)."""
         return self.base_model.model
+
+    # ------------------------------------------------------------------------------- status
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """One `TunerLayerStatus` per wrapped module (see `lntune.status.get_layer_status`)."""
+        from lntune.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The `TunerModelStatus` of the whole model (see `lntune.status.get_model_status`)."""
+        from lntune.status import get_model_status
+
+        return get_model_status(self)
 
     # ------------------------------------------------------------------------------- counts
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -144,13 +227,34 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # ----------------------------------------------------------------------------- adapters
-    def add_adapter(self, adapter_name: str, peft_config: LNTuningConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add an inactive adapter; `set_adapter` activates it."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LNTuningConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool | None = None,
+    ) -> None:
+        """Add an inactive, frozen adapter; `set_adapter` activates it.
+
+        Args:
+            adapter_name: A new adapter name.
+            peft_config: Its `LNTuningConfig`.
+            low_cpu_mem_usage: Accepted for PEFT compatibility.
+            autocast_adapter_dtype: Keep float16/bfloat16 adapter copies in float32. ``None`` (default): as
+                the model was created (`get_peft_model` / `from_pretrained`).
+
+        Example:
+            >>> model.add_adapter("other", LNTuningConfig(target_modules=["norm"]))
+            >>> model.set_adapter("other")
+        """
         self._prepare_config(peft_config)
         if peft_config.base_model_name_or_path is None and self.peft_config:
             first = next(iter(self.peft_config.values()))
             peft_config.base_model_name_or_path = first.base_model_name_or_path
-        self.base_model.add_adapter(adapter_name, peft_config)
+        self.base_model.add_adapter(adapter_name, peft_config, self._autocast(autocast_adapter_dtype))
+
+    def _autocast(self, autocast_adapter_dtype: bool | None) -> bool:
+        return self._autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Activate one adapter; its copies (only) become trainable unless ``inference_mode``."""
@@ -216,6 +320,25 @@ class PeftModel(nn.Module):
         )
         self._enable_input_require_grads()
 
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make ``model``'s input embeddings' output require grad, as PEFT's method of that name does.
+
+        Reentrant checkpointing needs it when the embeddings are frozen (see `gradient_checkpointing_enable`,
+        which calls it for the base model). Uses ``model.enable_input_require_grads()`` when it exists, else a
+        forward hook on ``model.get_input_embeddings()``; does nothing for models with neither, or twice.
+
+        Args:
+            model: Usually ``peft_model.get_base_model()``.
+
+        Returns:
+            ``model``.
+
+        Example:
+            >>> peft_model.prepare_model_for_gradient_checkpointing(peft_model.get_base_model())
+        """
+        _make_inputs_require_grad(model)
+        return model
+
     def _checkpointing_base(self, method: str) -> nn.Module:
         base = self.get_base_model()
         if not hasattr(base, method):
@@ -226,10 +349,7 @@ class PeftModel(nn.Module):
         return base
 
     def _enable_input_require_grads(self) -> None:
-        base = self.get_base_model()
-        already = getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None)
-        if not already and hasattr(base, "enable_input_require_grads"):
-            base.enable_input_require_grads()
+        _make_inputs_require_grad(self.get_base_model())
 
     # -------------------------------------------------------------------------------- files
     def save_pretrained(
@@ -277,12 +397,30 @@ class PeftModel(nn.Module):
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(folder, exist_ok=True)
             write_adapter_weights(folder, file_name, data)
-            self.peft_config[name].save_pretrained(folder)
-        os.makedirs(save_directory, exist_ok=True)
-        readme = os.path.join(save_directory, "README.md")
+            # Saved adapters load frozen unless asked otherwise: the file says inference_mode, as PEFT's do.
+            dataclasses.replace(self.peft_config[name], inference_mode=True).save_pretrained(folder)
+        self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write ``README.md`` (the model card PEFT writes: ``library_name: peft``) into ``output_dir``.
+
+        ``base_model`` is the Hub id or path the base model was loaded from (its ``config._name_or_path``),
+        left out for custom models and models built from a config, as PEFT does. A ``README.md`` already
+        in the folder is kept as it is (lntune does not rewrite files it did not write).
+
+        Args:
+            output_dir: The folder (created if needed).
+
+        Example:
+            >>> model.create_or_update_model_card("out")  # out/README.md
+        """
+        os.makedirs(output_dir, exist_ok=True)
+        readme = os.path.join(output_dir, "README.md")
         if not os.path.exists(readme):
-            base = next(iter(self.peft_config.values())).base_model_name_or_path
-            atomic_write_bytes(readme, _model_card(base).encode("utf-8"))
+            atomic_write_bytes(readme, _model_card(_base_model_id(self.get_base_model())).encode("utf-8"))
+
+    # Upload the adapter folder (never the base model) to the Hub; see lntune.hub.
+    push_to_hub = push_adapter_to_hub
 
     @classmethod
     def from_pretrained(
@@ -307,7 +445,9 @@ class PeftModel(nn.Module):
             model_id: A local adapter folder.
             adapter_name: Name to load the adapter under (any name works, nested targets included).
             is_trainable: Keep the adapter trainable; otherwise it is frozen and the model is in eval mode.
-            config: Use (a copy of) this config instead of the folder's ``adapter_config.json``.
+            config: Use this config object (it becomes ``peft_config[adapter_name]``, with ``inference_mode``
+                set from ``is_trainable``) instead of the folder's ``adapter_config.json``. If loading fails,
+                its fields are restored.
             autocast_adapter_dtype: Keep float16/bfloat16 adapters in float32.
             low_cpu_mem_usage: Accepted for PEFT compatibility.
             **kwargs: ``subfolder`` is honoured; hub options (``revision``, ``token``...) are ignored.
@@ -328,18 +468,21 @@ class PeftModel(nn.Module):
         config_source = "the config argument" if config is not None else os.path.join(folder, CONFIG_NAME)
         if config is None:
             config = LNTuningConfig.from_pretrained(folder)
-        elif isinstance(config, LNTuningConfig):
-            config = config.copy()
-        else:
+        elif not isinstance(config, LNTuningConfig):
             raise TypeError(f"config must be an LNTuningConfig, got {type(config).__name__}.")
         weights_path = adapter_weights_path(folder)
         weights = read_adapter_weights(weights_path)
-        config.inference_mode = not is_trainable
+        fields_before = copy.deepcopy(vars(config))
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        with restore_on_error(model, adapter_name):
-            with _naming_folder(folder, adapter_name, config_source):
-                peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-            fill_adapter(peft_model, weights, weights_path, adapter_name)
+        try:
+            config.inference_mode = not is_trainable
+            with restore_on_error(model, adapter_name):
+                with _naming_folder(folder, adapter_name, config_source):
+                    peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+                fill_adapter(peft_model, weights, weights_path, adapter_name)
+        except BaseException:
+            vars(config).update(fields_before)  # the caller's config object is as it was, too
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -350,7 +493,7 @@ class PeftModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         torch_device: str | None = None,
-        autocast_adapter_dtype: bool = True,
+        autocast_adapter_dtype: bool | None = None,
         low_cpu_mem_usage: bool = False,
         **kwargs,
     ) -> IncompatibleKeys:
@@ -362,9 +505,11 @@ class PeftModel(nn.Module):
         Args:
             model_id: A local adapter folder (lntune's or PEFT's).
             adapter_name: A new name (loading under any name works, nested targets included).
-            is_trainable: Allow the adapter to train once activated; otherwise the model is put in eval mode.
+            is_trainable: Make the loaded (still inactive) adapter's copies trainable, as PEFT does;
+                otherwise they are frozen and the model is put in eval mode.
             torch_device: Accepted for PEFT compatibility (copies follow the model's device).
-            autocast_adapter_dtype: Keep float16/bfloat16 adapters in float32.
+            autocast_adapter_dtype: Keep float16/bfloat16 adapters in float32. ``None`` (default): as the
+                model was created.
             low_cpu_mem_usage: Accepted for PEFT compatibility.
             **kwargs: ``subfolder`` is honoured; hub options are ignored.
 
@@ -387,8 +532,10 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         with self.base_model._all_or_nothing(adapter_name):
             with _naming_folder(folder, adapter_name, os.path.join(folder, CONFIG_NAME)):
-                self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype)
+                self.base_model.add_adapter(adapter_name, config, self._autocast(autocast_adapter_dtype))
             result = fill_adapter(self, weights, weights_path, adapter_name)
+            if is_trainable:
+                self.base_model.set_requires_grad(adapter_name, True)
         if not is_trainable and self.training:  # eval() visits every module: skip it when already in eval mode
             self.eval()
         return result
@@ -425,6 +572,10 @@ class PeftModelForCausalLM(PeftModel):
         named = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds}
         named.update({k: v for k, v in {"labels": labels}.items() if v is not None})
         return super().forward(adapter_names=adapter_names, **named, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """The base model's ``prepare_inputs_for_generation`` (PEFT's only differs for prompt learning)."""
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModelForCausalLM):

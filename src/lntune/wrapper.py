@@ -144,8 +144,8 @@ class AdapterWrapper(nn.Module):
             return
         if adapter_name in self.merged_adapters:
             raise ValueError(
-                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first "
-                "(unmerge_adapter())."
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first. "
+                "Call unmerge_adapter(), then delete."
             )
         self._runners.pop(id(self._copies[adapter_name]), None)
         del self._copies[adapter_name]
