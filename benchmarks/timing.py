@@ -17,6 +17,10 @@ from collections.abc import Callable
 
 import torch
 
+#: What `interleaved` reads: elapsed time, or the calling thread's CPU time (set by `setup` from ``--clock``).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCKS["wall"]
+
 
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark shares."""
@@ -25,13 +29,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 15, quick: 3)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: this thread's CPU time, steadier on a CPU shared with other "
+        "jobs (CPU devices only: it does not count waiting for a GPU)",
+    )
     return p
 
 
 def setup(args: argparse.Namespace) -> None:
-    """Apply ``--threads``, fill in ``--rounds`` and print the environment line."""
+    """Apply ``--threads`` and ``--clock``, fill in ``--rounds`` and print the environment line."""
     import peft
     import transformers
+
+    global clock
+    clock = CLOCKS[args.clock]
 
     warnings.filterwarnings("ignore")  # PEFT's "Unsupported layer type" and Transformers deprecations
     torch.set_num_threads(args.threads)
@@ -40,7 +54,7 @@ def setup(args: argparse.Namespace) -> None:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
         f"device {args.device} ({device}); torch threads {torch.get_num_threads()}; "
-        f"{args.rounds} interleaved rounds{' (--quick)' if args.quick else ''}\n"
+        f"{args.rounds} interleaved rounds{' (--quick)' if args.quick else ''}; {args.clock} clock\n"
     )
 
 
@@ -61,34 +75,41 @@ def interleaved(
     for name, fn in fns.items():
         fn()
         sync(device)
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < min_time / 2 or n < 2:
+        start, n = clock(), 0
+        while clock() - start < min_time / 2 or n < 2:
             fn()
             n += 1
         sync(device)
-        loops[name] = max(1, int(n * min_time / (time.perf_counter() - start) * 0.5 + 0.5))
+        loops[name] = max(1, int(n * min_time / (clock() - start) * 0.5 + 0.5))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, n = fns[name], loops[name]
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(n):
                 fn()
             sync(device)
-            samples[name].append((time.perf_counter() - start) / n)
+            samples[name].append((clock() - start) / n)
     return samples
 
 
 def summarize(samples: dict[str, list[float]], baseline: str | None = None, unit: float = 1e-3) -> list[list[str]]:
-    """Rows ``[name, median, min, max, ratio to baseline's median]`` (times in ``unit`` seconds)."""
-    base = statistics.median(samples[baseline]) if baseline else None
+    """Rows ``[name, median, min, max, ratio of medians, paired ratio]`` (times in ``unit`` seconds).
+
+    The paired ratio is the median over rounds of ``time / baseline's time in the same round``: variants
+    of one round run back to back, so it cancels slow drifts of the machine that the medians keep.
+    """
+    base = samples[baseline] if baseline else None
     rows = []
     for name, values in samples.items():
         med = statistics.median(values)
-        ratio = f"{med / base:.3f}x" if base else ""
-        rows.append([name, f"{med / unit:.3f}", f"{min(values) / unit:.3f}", f"{max(values) / unit:.3f}", ratio])
+        ratio = f"{med / statistics.median(base):.3f}x" if base else ""
+        paired = f"{statistics.median(v / b for v, b in zip(values, base)):.3f}x" if base else ""
+        rows.append(
+            [name, f"{med / unit:.3f}", f"{min(values) / unit:.3f}", f"{max(values) / unit:.3f}", ratio, paired]
+        )
     return rows
 
 
@@ -145,7 +166,7 @@ def no_grad_forward(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], N
     return run
 
 
-TIME_HEADERS = ["variant", "median ms", "min ms", "max ms", "vs baseline"]
+TIME_HEADERS = ["variant", "median ms", "min ms", "max ms", "vs baseline", "paired"]
 
 
 # The two model shapes of the forward, train-step and dtype benchmarks.

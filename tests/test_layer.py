@@ -203,3 +203,49 @@ def test_deepcopy_and_pickle_keep_state_and_forward():
             clone.ln_tuning_layers["b"].weight.fill_(7.0)
         assert torch.allclose(clone(X), reference(7.0, 0.5))
         assert torch.equal(layer(X), expected)  # the original is unaffected
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_hooks_on_the_wrapper_the_running_copy_and_global_all_fire(merged):
+    layer = tuned_layer("a", "b")
+    if merged:
+        layer.merge()
+    running = layer.module_for("a")
+    expected = layer(X)
+    seen = []
+
+    def pre_hook(module, args):
+        seen.append(("pre", module))
+
+    def doubling_hook(module, args, output):
+        seen.append(("post", module))
+        return output * 2
+
+    for module in (layer, running):
+        handles = [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(doubling_hook)]
+        assert torch.equal(layer(X), expected * 2)
+        assert seen == [("pre", module), ("post", module)]
+        for handle in handles:
+            handle.remove()
+        seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(doubling_hook)
+    try:
+        out = layer(X)
+    finally:
+        handle.remove()
+    assert torch.equal(out, expected * 4)  # the wrapper's call and the copy's call each doubled it
+    assert [m for _, m in seen] == [running, layer]
+    assert torch.equal(layer(X), expected)  # no hook left: the direct path again
+
+
+def test_backward_hooks_and_tracing_take_nn_modules_path():
+    layer = tuned_layer("a")
+    layer.set_adapter("a")
+    grads = []
+    handle = layer.register_full_backward_hook(lambda module, grad_in, grad_out: grads.append(grad_out[0]))
+    layer(X.requires_grad_(True)).sum().backward()
+    handle.remove()
+    X.requires_grad_(False)
+    assert len(grads) == 1 and torch.equal(grads[0], torch.ones_like(X))
+    traced = torch.jit.trace(layer, X)
+    assert torch.equal(traced(X), layer(X))

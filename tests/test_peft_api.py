@@ -25,7 +25,7 @@ from lntune import (
     set_base_model_state_dict,
 )
 from lntune.hub import HubUploadError
-from lntune.peft_model import NOT_IN_LNTUNE
+from lntune.model import NOT_IN_LNTUNE
 
 LLAMA = LNTuningConfig(task_type=TaskType.CAUSAL_LM)
 
@@ -63,6 +63,8 @@ def test_no_peft_name_reaches_the_base_model(name):
 def test_not_in_lntune_lists_only_peft_names():
     assert set(NOT_IN_LNTUNE) <= set(_peft_public_names())
     assert not hasattr(_llama(), "get_prompt")
+    with pytest.raises(AttributeError, match="get_model_config is not part of lntune"):
+        _llama().base_model.get_model_config  # the tuner refuses them too  # noqa: B018
     assert _llama().config.model_type == "llama"  # other names still reach the base model
 
 

@@ -28,6 +28,18 @@ from lntune.wrapper import AdapterWrapper, as_names, named_wrappers, walk_module
 
 logger = logging.getLogger(__name__)
 
+# Public names of PEFT's PeftModel (and of its tuner, which PeftModel forwards to) that lntune does not
+# implement. Without this list, PeftModel.__getattr__ and LNTuningModel.__getattr__ would hand them on to
+# the base model, which may have a method of the same name doing something else; tests/test_peft_api.py
+# keeps the list complete.
+NOT_IN_LNTUNE = {
+    "get_prompt": "prompt learning only; LN tuning adds no virtual tokens",
+    "get_prompt_embedding_to_save": "prompt learning only; LN tuning adds no virtual tokens",
+    "get_model_config": "a helper of PEFT's BaseTuner; read model.config (Transformers) instead",
+    "uses_shared_state": "an attribute of PEFT's BaseTuner for methods with state shared across layers; LN tuning "
+    "has none",
+}
+
 
 def _split_name(name: str) -> tuple[str, str]:
     parent, _, child = name.rpartition(".")
@@ -82,6 +94,11 @@ class LNTuningModel(nn.Module):
         except AttributeError:
             if name == "model":  # not yet set (e.g. during unpickling)
                 raise
+            if name in NOT_IN_LNTUNE:
+                raise AttributeError(
+                    f"'{type(self).__name__}' has no attribute '{name}': PEFT's {name} is not part of lntune "
+                    f"({NOT_IN_LNTUNE[name]})."
+                ) from None
             return getattr(self.model, name)
 
     @property

@@ -26,24 +26,13 @@ from lntune.checkpoint import (
 from lntune.config import CONFIG_NAME, LNTuningConfig, TaskType
 from lntune.hub import push_adapter_to_hub
 from lntune.mixed_batch import check_batch_size
-from lntune.model import LNTuningModel, restore_on_error
+from lntune.model import NOT_IN_LNTUNE, LNTuningModel, restore_on_error
 from lntune.wrapper import AdapterWrapper
 
 if TYPE_CHECKING:
     from lntune.status import TunerLayerStatus, TunerModelStatus
 
 _CLASSIFIER_MODULES = ["classifier", "score"]
-
-# Public names of PEFT's PeftModel (and of its tuner, which PeftModel forwards to) that lntune does not
-# implement. Without this list, PeftModel.__getattr__ would hand them on to the base model, which may have a
-# method of the same name doing something else; tests/test_peft_api.py keeps the list complete.
-NOT_IN_LNTUNE = {
-    "get_prompt": "prompt learning only; LN tuning adds no virtual tokens",
-    "get_prompt_embedding_to_save": "prompt learning only; LN tuning adds no virtual tokens",
-    "get_model_config": "a helper of PEFT's BaseTuner; read model.config (Transformers) instead",
-    "uses_shared_state": "an attribute of PEFT's BaseTuner for methods with state shared across layers; LN tuning "
-    "has none",
-}
 
 
 def _base_model_id(model: nn.Module) -> str | None:
@@ -281,6 +270,8 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------------------ forward
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """Run the model; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none)."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
         check_batch_size(adapter_names, args, kwargs)
         with self.base_model.batch_adapters(adapter_names):
             return self.base_model(*args, **kwargs)
