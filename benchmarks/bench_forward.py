@@ -11,16 +11,13 @@ the bare model is timed too: how far two identical models differ is the noise fl
 
 from __future__ import annotations
 
-import copy
-
 from timing import (
     TIME_HEADERS,
+    forward_variants,
     interleaved,
     llama,
-    lntune_model,
     no_grad_forward,
     parser,
-    peft_model,
     setup,
     shapes,
     summarize,
@@ -32,19 +29,7 @@ from timing import (
 def bench_shape(layers: int, hidden: int, batch: int, seq: int, args) -> list[list[str]]:
     base = llama(layers, hidden).to(args.device)
     ids = token_ids(batch, seq, device=args.device)
-    lnt, pft = lntune_model(base), peft_model(base)
-    lnt_merged, pft_merged = lntune_model(base), peft_model(base)
-    lnt_merged.merge_adapter()
-    pft_merged.merge_adapter()
-    models = {
-        "bare model": base,
-        "bare model, a copy": copy.deepcopy(base),  # the noise floor: the same model elsewhere in memory
-        "lntune": lnt,
-        "PEFT": pft,
-        "lntune merged": lnt_merged,
-        "PEFT merged": pft_merged,
-    }
-
+    models = forward_variants(base)
     samples = interleaved({name: no_grad_forward(m, ids) for name, m in models.items()}, args.rounds, args.device)
     return summarize(samples, baseline="bare model")
 

@@ -16,7 +16,6 @@ add), but on a CPU-bound forward of small tensors they follow it closely. Needs 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from timing import llama, lntune_model, peft_model, table, token_ids
+from timing import forward_variants, llama, table, token_ids
 
 UNDER_VALGRIND = "LNTUNE_UNDER_CALLGRIND"
 
@@ -43,18 +42,7 @@ def measure(args: argparse.Namespace) -> None:
     layers = 12 if args.quick else 48
     base = llama(layers, 64)
     ids = token_ids(1, 8)
-    lnt, pft = lntune_model(base), peft_model(base)
-    lnt_merged, pft_merged = lntune_model(base), peft_model(base)
-    lnt_merged.merge_adapter()
-    pft_merged.merge_adapter()
-    variants = {
-        "bare model": base,
-        "bare model, a copy": copy.deepcopy(base),
-        "lntune": lnt,
-        "PEFT": pft,
-        "lntune merged": lnt_merged,
-        "PEFT merged": pft_merged,
-    }
+    variants = forward_variants(base)
     with torch.no_grad():
         for name, model in variants.items():
             for _ in range(3):  # warm-up: first calls fill caches

@@ -151,6 +151,21 @@ def peft_model(base: torch.nn.Module, **kwargs) -> torch.nn.Module:
     return peft.get_peft_model(copy.deepcopy(base), peft.LNTuningConfig(task_type="CAUSAL_LM"), **kwargs)
 
 
+def forward_variants(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The models the forward benchmarks compare: bare, a copy of it (the noise floor: the same model
+    elsewhere in memory), lntune and PEFT with the adapter active, and both merged."""
+    merged = {"lntune merged": lntune_model(base), "PEFT merged": peft_model(base)}
+    for model in merged.values():
+        model.merge_adapter()
+    return {
+        "bare model": base,
+        "bare model, a copy": copy.deepcopy(base),
+        "lntune": lntune_model(base),
+        "PEFT": peft_model(base),
+        **merged,
+    }
+
+
 def token_ids(batch: int, seq: int, vocab: int = 256, device: str = "cpu", seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
