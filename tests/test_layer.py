@@ -249,3 +249,16 @@ def test_backward_hooks_and_tracing_take_nn_modules_path():
     assert len(grads) == 1 and torch.equal(grads[0], torch.ones_like(X))
     traced = torch.jit.trace(layer, X)
     assert torch.equal(traced(X), layer(X))
+
+
+def test_a_module_with_its_own_call_is_called_through_it():
+    class Counting(nn.LayerNorm):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    layer = LNTuningLayer(Counting(8), "a")
+    layer.set_adapter("a")
+    assert torch.equal(layer(X), layer.base_layer(X)) and Counting.calls == 2  # the copy's call and the base's

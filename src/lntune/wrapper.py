@@ -3,8 +3,8 @@
 A wrapper keeps a module's original in one slot (``base_layer`` / ``original_module``) and one
 independent copy per adapter in a ``ModuleDict`` (``ln_tuning_layers`` / ``modules_to_save``). It
 owns the adapter state (active adapters, enabled flag, which copies train, which stay float32) and
-chooses, whenever that state changes, the callable that forward runs, so that a call costs one
-extra call of the chosen module and no checks.
+chooses, whenever that state changes, what forward runs; a call then runs the chosen module's
+``forward`` directly (see `__call__`), at the cost of the bare module's call.
 
 Every per-adapter operation here touches only the adapters it names: adding, deleting, activating or
 freezing an adapter costs the same with 10 or 10,000 adapters resident.
@@ -63,7 +63,9 @@ class AdapterWrapper(nn.Module):
         self._trainable: set[str] = set()  # adapters whose copies this wrapper made trainable
         self._float32: set[str] = set()  # adapters whose copies stay float32 through .to()/.half()
         self._runners: dict[int, Callable] = {}
+        self._compute_dtype = float_dtype(module)
         self.update_layer(adapter_name)
+        self._refresh()
         # Follow the wrapped module's train/eval mode (new modules default to train).
         self.training = self._copies.training = module.training
 
@@ -127,7 +129,7 @@ class AdapterWrapper(nn.Module):
         tuned = copy.deepcopy(self.original_module)
         tuned.requires_grad_(False)
         self._copies[adapter_name] = tuned
-        self._refresh()
+        self._select_forward()
 
     def keep_in_float32(self, adapter_name: str) -> None:
         """Store ``adapter_name``'s float16/bfloat16 parameters in float32, now and after later casts.
@@ -135,9 +137,11 @@ class AdapterWrapper(nn.Module):
         Forward still computes in the original module's dtype (see `lntune.precision`); ``.to(bf16)``,
         ``.half()`` and the like leave these parameters (and their gradients) in float32.
         """
-        upcast_parameters(self.tuned_module(adapter_name))
+        tuned = self.tuned_module(adapter_name)
+        upcast_parameters(tuned)
         self._float32.add(adapter_name)
-        self._refresh()
+        self._runners.pop(id(tuned), None)  # its dtype changed: it may need a casting runner now
+        self._select_forward()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` (it must not be merged); no-op if this wrapper lacks it."""
@@ -219,9 +223,11 @@ class AdapterWrapper(nn.Module):
             module = self._active_module()
             fn = self._raise_multiple_active if module is None else self.runner_for(module)
         # Plain attributes, not submodules (state_dict and named_modules are unchanged): `forward` is what
-        # nn.Module.__call__ runs; `_direct` is the module `__call__` may run directly.
+        # nn.Module.__call__ runs; `_direct` is the module `__call__` may run directly (a module with a
+        # __call__ of its own always goes through it).
+        direct = isinstance(fn, nn.Module) and type(fn).__call__ is nn.Module.__call__
         object.__setattr__(self, "forward", fn)
-        object.__setattr__(self, "_direct", fn if isinstance(fn, nn.Module) else None)
+        object.__setattr__(self, "_direct", fn if direct else None)
 
     def __call__(self, *args, **kwargs):
         # The selected module's forward, called directly: one Python call instead of nn.Module.__call__
