@@ -117,17 +117,30 @@ def _alone(model: PeftModel, name: str, inputs: dict):
     return model(**inputs)
 
 
+NORMS = {"LayerNorm": lambda: torch.nn.LayerNorm(6), "RMSNorm": lambda: torch.nn.RMSNorm(6)}
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
 @pytest.mark.parametrize("bias", [True, False])
-def test_per_sample_heads_train_each_adapter(bias):
-    """A mixed batch through a Linear head sends each sample's gradient to its own adapter's head."""
+def test_per_sample_norms_and_heads_match_and_train_each_adapter(norm, bias, perturb):
+    """torch's norms and a Linear head: outputs equal each sample alone; gradients reach each sample's adapter."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.LayerNorm(6), torch.nn.Linear(6, 3, bias=bias))
+    model = torch.nn.Sequential(NORMS[norm](), torch.nn.Linear(6, 3, bias=bias))
     config = dict(target_modules=["0"], modules_to_save=["1"])
     peft_model = get_peft_model(model, LNTuningConfig(**config), adapter_name="a")
     peft_model.add_adapter("b", LNTuningConfig(**config))
+    for seed, name in enumerate(["a", "b"]):
+        peft_model.set_adapter(name)
+        perturb(peft_model, scale=0.3, seed=seed)
     peft_model.set_requires_grad(["a", "b"], True)
     x = torch.randn(4, 5, 6)
     names = ["a", "b", "b", "a"]
+    with torch.no_grad():
+        mixed_out = peft_model(x, adapter_names=names)
+        for i, name in enumerate(names):
+            peft_model.set_adapter(name)
+            torch.testing.assert_close(mixed_out[i : i + 1], peft_model(x[i : i + 1]), atol=1e-5, rtol=0)
+    peft_model.set_requires_grad(["a", "b"], True)
     peft_model(x, adapter_names=names).pow(2).sum().backward()
     mixed = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
     peft_model.zero_grad()
