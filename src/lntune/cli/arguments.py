@@ -24,12 +24,21 @@ class OneLineParser(argparse.ArgumentParser):
 
     def parse_args(self, args: Sequence[str] | None = None, namespace=None) -> argparse.Namespace:
         words = list(sys.argv[1:] if args is None else args)
-        parsed = super().parse_args(words, namespace)
+        parsed, extra = self.parse_known_args(words, namespace)
+        if extra:  # reported by the sub-command it was given to
+            command = getattr(parsed, "command", None)
+            _fail(f"{self.prog} {command}" if command else self.prog, f"unrecognized arguments: {' '.join(extra)}")
         parsed.argv = words
         return parsed
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        _fail(self.prog, message)
+
+
+def _fail(prog: str, message: str) -> NoReturn:
+    """Print ``prog: error: message`` as one line on stderr and exit with code 2, as argparse does."""
+    sys.stderr.write(f"{prog}: error: {message} (see {prog} --help)\n")
+    sys.exit(2)
 
 
 def positive_int(text: str) -> int:

@@ -173,7 +173,7 @@ def _training_arguments(args: argparse.Namespace, work: Path, total_steps: int):
 
     from lntune.cli.progress import wants_progress_bar
 
-    eval_every = max(1, total_steps // 4)
+    eval_every = math.ceil(total_steps / 4)  # the fourth evaluation falls on the last step
     return TrainingArguments(
         output_dir=str(work / CHECKPOINTS),
         num_train_epochs=args.epochs,
@@ -268,6 +268,10 @@ def _interrupted(args: argparse.Namespace, output: OutputFolder, total_steps: in
 
 
 def _train(args, model_path: str, settings: dict, kept: dict | None, output: OutputFolder, callbacks) -> dict:
+    train_table, eval_table, labels = _read_data(args)  # first: bad data fails before the slow imports
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    max_length = _max_length(args, model_path, tokenizer)
+
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, set_seed
 
     from lntune import LNTuningConfig, get_peft_model
@@ -275,9 +279,6 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
     from lntune.cli.progress import EvalLines
     from lntune.cli.trainer import AdapterTrainer, accuracy, schedule_steps
 
-    train_table, eval_table, labels = _read_data(args)
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    max_length = _max_length(args, model_path, tokenizer)
     set_seed(args.seed)
     model = load_model(model_path, args.task, labels, args.trust_remote_code)
     set_pad_token(model, tokenizer)
