@@ -371,7 +371,6 @@ def _write_outputs(trainer, model, args, name: str, run: dict, metrics: dict, ou
     from lntune.cli.plot import plot_curves
 
     work = output.work
-    shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
     model.save_pretrained(work)
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     history = trainer.state.log_history
@@ -382,4 +381,5 @@ def _write_outputs(trainer, model, args, name: str, run: dict, metrics: dict, ou
     data = Path(args.data).name if args.data else DEFAULT_TRAIN
     title = f"LN tuning of {name} on {data}\nlr {args.lr:g}, batch {args.batch_size}, {metrics['train_steps']} steps"
     plot_curves(history, work / "training_curves.png", title)
+    shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from
     output.publish(RUN_FILE, run)
