@@ -58,7 +58,8 @@ def _model_card(base_model: str | None) -> str:
         lines.append(f"base_model: {base_model}")
     lines += ["tags:", "- lntune", "- ln_tuning", "---", "", "# LN tuning adapter", ""]
     lines += [
-        "Trained with [lntune](https://pypi.org/project/lntune/): only the normalization layers are tuned.",
+        "Trained with lntune (LayerNorm tuning; not published on PyPI: install it from its source folder with",
+        "`pip install -e .`): only the normalization layers are tuned.",
         "Load it with `lntune.PeftModel.from_pretrained(base_model, path)` or with PEFT's own",
         "`peft.PeftModel.from_pretrained`; the files follow PEFT's LN tuning format.",
         "",

@@ -211,7 +211,7 @@ def set_peft_model_state_dict(
         ``IncompatibleKeys(missing_keys, unexpected_keys)`` with model-side missing keys, as PEFT.
 
     Example:
-        >>> set_peft_model_state_dict(peft_model, load_adapter_weights("out/"))
+        >>> set_peft_model_state_dict(peft_model, read_adapter_weights("out/adapter_model.safetensors"))
         IncompatibleKeys(missing_keys=[], unexpected_keys=[])
     """
     state = peft_model_state_dict
