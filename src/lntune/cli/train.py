@@ -8,7 +8,10 @@ import math
 import os
 import shlex
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+from torch import nn
 
 from lntune.cli.arguments import positive_float, positive_int, seed
 from lntune.cli.common import (
@@ -267,17 +270,27 @@ def _interrupted(args: argparse.Namespace, output: OutputFolder, total_steps: in
     return f"interrupted; the checkpoint of step {step}{of} is kept in {output.work}; resume with: {command}"
 
 
-def _train(args, model_path: str, settings: dict, kept: dict | None, output: OutputFolder, callbacks) -> dict:
+@dataclass
+class _Prepared:
+    """The model and data of a run, checked and tokenized."""
+
+    model: nn.Module
+    tokenizer: object
+    train_set: list
+    eval_set: list
+    labels: list[str]
+    max_length: int
+
+
+def _prepare(args: argparse.Namespace, model_path: str) -> _Prepared:
+    """Read and check the data, load the model and tokenizer, wrap the model for LN tuning, tokenize."""
     train_table, eval_table, labels = _read_data(args)  # first: bad data fails before the slow imports
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     max_length = _max_length(args, model_path, tokenizer)
 
-    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, set_seed
+    from transformers import set_seed
 
     from lntune import LNTuningConfig, get_peft_model
-    from lntune.cli.interrupt import StopOnInterrupt
-    from lntune.cli.progress import EvalLines
-    from lntune.cli.trainer import AdapterTrainer, accuracy, schedule_steps
 
     set_seed(args.seed)
     model = load_model(model_path, args.task, labels, args.trust_remote_code)
@@ -290,29 +303,46 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
     label_column = args.label_column if args.task == "seq-cls" else None
     train_set = tokenize(train_table, tokenizer, args.text_column, max_length, label_column, labels)
     eval_set = tokenize(eval_table, tokenizer, args.text_column, max_length, label_column, labels)
-    if kept is None:
-        output.create_work("train", settings)
+    return _Prepared(model, tokenizer, train_set, eval_set, labels, max_length)
+
+
+def _make_trainer(args: argparse.Namespace, run: _Prepared, work: Path, total_steps: int, callbacks: list):
+    """The `AdapterTrainer` of a run, with the task's collator and metrics and lntune's callbacks."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+
+    from lntune.cli.progress import EvalLines
+    from lntune.cli.trainer import AdapterTrainer, accuracy
 
     if args.task == "seq-cls":
-        collator, metrics_fn = DataCollatorWithPadding(tokenizer), accuracy
+        collator, metrics_fn = DataCollatorWithPadding(run.tokenizer), accuracy
     else:
-        collator, metrics_fn = DataCollatorForLanguageModeling(tokenizer, mlm=False), None
-    total_steps = schedule_steps(len(train_set), args.batch_size, args.epochs, args.max_steps or -1)
-    stop = StopOnInterrupt()
-    trainer = AdapterTrainer(
-        model=model,
-        args=_training_arguments(args, output.work, total_steps),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
+        collator, metrics_fn = DataCollatorForLanguageModeling(run.tokenizer, mlm=False), None
+    return AdapterTrainer(
+        model=run.model,
+        args=_training_arguments(args, work, total_steps),
+        train_dataset=run.train_set,
+        eval_dataset=run.eval_set,
         data_collator=collator,
         compute_metrics=metrics_fn,
-        callbacks=[EvalLines(total_steps), stop, *(callbacks or [])],
+        callbacks=[EvalLines(total_steps), *callbacks],
         token_loss=args.task == "causal-lm",
     )
-    trainable, total = model.get_nb_trainable_parameters()
+
+
+def _train(args, model_path: str, settings: dict, kept: dict | None, output: OutputFolder, callbacks) -> dict:
+    from lntune.cli.interrupt import StopOnInterrupt
+    from lntune.cli.trainer import schedule_steps
+
+    run = _prepare(args, model_path)
+    if kept is None:
+        output.create_work("train", settings)
+    total_steps = schedule_steps(len(run.train_set), args.batch_size, args.epochs, args.max_steps or -1)
+    stop = StopOnInterrupt()
+    trainer = _make_trainer(args, run, output.work, total_steps, [stop, *(callbacks or [])])
+    trainable, total = run.model.get_nb_trainable_parameters()
     name = _model_name(model_path, args.model is None)
     say(
-        f"lntune: LN tuning {name} ({args.task}) on {len(train_set)} examples, {len(eval_set)} held out; "
+        f"lntune: LN tuning {name} ({args.task}) on {len(run.train_set)} examples, {len(run.eval_set)} held out; "
         f"{trainable:,d} of {total:,d} parameters trainable ({100 * trainable / total:.3f}%), "
         f"{total_steps} steps at lr {args.lr:g}"
     )
@@ -337,26 +367,30 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
         "trainable_params": trainable,
         "all_params": total,
         "learning_rate": args.lr,
-        "num_train_examples": len(train_set),
-        "num_eval_examples": len(eval_set),
+        "num_train_examples": len(run.train_set),
+        "num_eval_examples": len(run.eval_set),
     }
     if is_main_process():
-        run = {
-            "base_model": model_path,
-            "task": args.task,
-            "labels": labels,
-            "text_column": args.text_column,
-            "label_column": args.label_column,
-            "max_length": max_length,
-        }
-        _write_outputs(trainer, model, args, name, run, metrics, output)
-        summary = f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}"
-        if "eval_accuracy" in metrics:
-            summary = (
-                f"held-out accuracy {metrics['eval_accuracy_before']:.4f} -> {metrics['eval_accuracy']:.4f}, {summary}"
-            )
-        say(f"lntune: {summary}; adapter, metrics.json and plot written to {output.path}")
+        _finish(trainer, args, name, model_path, run, metrics, output)
     return metrics
+
+
+def _finish(trainer, args, name: str, model_path: str, run: _Prepared, metrics: dict, output: OutputFolder) -> None:
+    """Write the run's files, publish the output folder and print the one-line summary (rank 0)."""
+    record = {
+        "base_model": model_path,
+        "task": args.task,
+        "labels": run.labels,
+        "text_column": args.text_column,
+        "label_column": args.label_column,
+        "max_length": run.max_length,
+    }
+    _write_outputs(trainer, run.model, args, name, record, metrics, output)
+    summary = f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}"
+    if "eval_accuracy" in metrics:
+        accuracy = f"held-out accuracy {metrics['eval_accuracy_before']:.4f} -> {metrics['eval_accuracy']:.4f}"
+        summary = f"{accuracy}, {summary}"
+    say(f"lntune: {summary}; adapter, metrics.json and plot written to {output.path}")
 
 
 def _final_evaluation(trainer) -> dict:
