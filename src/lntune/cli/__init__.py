@@ -14,7 +14,7 @@ from lntune.cli.common import CLIError
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lntune`` with its four commands."""
-    from lntune.cli import commands, train
+    from lntune.cli import commands, serve, train
 
     parser = argparse.ArgumentParser(prog="lntune", description="LayerNorm tuning of Transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", commands.add_eval_arguments, commands.run_eval, "score an adapter; metrics as JSON on stdout"),
         ("inspect", commands.add_inspect_arguments, commands.run_inspect, "list the modules that would be tuned"),
         ("merge", commands.add_merge_arguments, commands.run_merge, "save the model with the adapter merged in"),
+        ("serve", serve.add_arguments, serve.run_serve, "serve the base model and its adapters over HTTP"),
     ]:
         command = sub.add_parser(name, help=text, description=text)
         add(command)
