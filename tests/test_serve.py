@@ -10,6 +10,7 @@ end of its test or module, and every load loop is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import json
@@ -214,10 +215,11 @@ def serving(log_dir: Path, *args: str, **kwargs):
         server.stop()
 
 
-def metric(server: Server, name: str) -> float:
-    """The sum of a Prometheus sample ``name`` over its labels."""
+def metric(server: Server, name: str, labels: str = "") -> float:
+    """The sum of a Prometheus sample ``name`` over the label sets containing ``labels``."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
+    lines = [line for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name and labels in line]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
 # ------------------------------------------------------------------------------ embeddings
@@ -351,3 +353,265 @@ def test_load_2000_requests_32_clients_200_adapters(embedding):
     batches = metric(server, "lntune_batch_size_count") - batches_before
     assert batches < N_REQUESTS, "requests were never batched together"
     assert metric(server, "lntune_resident_adapters") >= len({m for m, _ in plan} - {"tiny-bert"})
+
+
+# -------------------------------------------------------------------------- classification
+@pytest.fixture(scope="module")
+def classify(tmp_path_factory, bert):
+    """A seq-cls server with --max-resident 8 over adapters with 2- and 3-class heads, one saved by PEFT, one
+    corrupt, and one symlink leading out of --adapters."""
+    import peft
+
+    tmp = tmp_path_factory.mktemp("classify")
+    root = tmp / "adapters"
+    two = make_adapters(bert, "SEQ_CLS", root, [f"c2-{i:02d}" for i in range(10)], seed=1)
+    three = make_adapters(bert, "SEQ_CLS", root, ["c3-00", "c3-01"], num_labels=3, seed=2)
+    peft_model = peft.get_peft_model(
+        base_model(bert, "SEQ_CLS"), peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"])
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in (p for p in peft_model.parameters() if p.requires_grad):
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(root / "peft-made")
+    two["peft-made"] = root / "peft-made"
+    shutil.copytree(root / "c2-00", root / "broken")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00not a safetensors file")
+    outside = make_adapters(bert, "SEQ_CLS", tmp / "outside", ["elsewhere"], seed=4)
+    (root / "escape").symlink_to(outside["elsewhere"], target_is_directory=True)
+    references = {2: Reference(bert, "SEQ_CLS", two), 3: Reference(bert, "SEQ_CLS", three, num_labels=3)}
+    with serving(tmp, "--model", str(bert), "--adapters", str(root), "--max-resident", "8") as server:
+        yield server, references, root, tmp
+
+
+def _classify(server: Server, model: str, texts: list[str] | str) -> httpx.Response:
+    return httpx.post(server.url + "/v1/classify", json={"model": model, "input": texts}, timeout=60)
+
+
+def _check_classes(body: dict, reference: Reference, name: str | None, texts: list[str], labels: list[str]) -> None:
+    for text, item in zip(texts, body["data"], strict=True):
+        expected = reference(name, text)
+        torch.testing.assert_close(torch.tensor(item["probs"]), expected, atol=ATOL, rtol=0)
+        assert item["num_classes"] == len(labels) and item["label"] == labels[int(expected.argmax())]
+
+
+def test_classify_head_sizes_and_peft_adapter_equal_in_process(classify):
+    """Concurrent requests over 13 adapters (2- and 3-class heads, one saved by PEFT) and the base model."""
+    server, references, _, _ = classify
+    jobs = [(f"c2-{i:02d}", 2) for i in range(10)] + [("c3-00", 3), ("c3-01", 3), ("peft-made", 2), ("tiny-bert", 2)]
+    jobs = jobs * 2
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda job: _classify(server, job[0], TEXTS[:3]), jobs))
+    for (model, classes), response in zip(jobs, responses):
+        assert response.status_code == 200, response.text
+        trained = [f"class-{i}-of-{classes}" for i in range(classes)]
+        labels = ["LABEL_0", "LABEL_1"] if model in ("peft-made", "tiny-bert") else trained
+        _check_classes(response.json(), references[classes], None if model == "tiny-bert" else model, TEXTS[:3], labels)
+    assert metric(server, "lntune_resident_adapters") <= 8
+
+
+def test_eviction_and_reload_with_max_resident_8(classify):
+    server, references, _, _ = classify
+    loads, evictions = metric(server, "lntune_adapter_loads_total"), metric(server, "lntune_adapter_evictions_total")
+    names = [f"c2-{i:02d}" for i in range(10)]
+    for name in names + names:  # 10 adapters through 8 places: each pass evicts, each reload is correct
+        response = _classify(server, name, TEXTS[4])
+        assert response.status_code == 200, response.text
+        _check_classes(response.json(), references[2], name, [TEXTS[4]], [f"class-{i}-of-2" for i in range(2)])
+    assert metric(server, "lntune_adapter_loads_total") - loads >= 12
+    assert metric(server, "lntune_adapter_evictions_total") - evictions >= 10
+    assert metric(server, "lntune_resident_adapters") == 8
+
+
+def test_corrupt_adapter_fails_only_its_own_requests(classify):
+    server, references, root, _ = classify
+    jobs = ["broken", "c2-03", "broken", "c3-01", "c2-04"]
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(lambda name: _classify(server, name, TEXTS[0]), jobs))
+    for name, response in zip(jobs, responses):
+        if name == "broken":
+            assert response.status_code == 500
+            error = response.json()["error"]
+            assert (
+                error["code"] == "adapter_load_failed"
+                and str(root / "broken" / "adapter_model.safetensors") in error["message"]
+            )
+        else:
+            assert response.status_code == 200, response.text
+    assert metric(server, "lntune_request_errors_total", 'endpoint="/v1/classify",status="500"') >= 2
+    _check_classes(
+        _classify(server, "c2-03", [TEXTS[1]]).json(),
+        references[2],
+        "c2-03",
+        [TEXTS[1]],
+        [f"class-{i}-of-2" for i in range(2)],
+    )
+
+
+def test_folders_added_and_removed_while_running(classify):
+    server, references, root, _ = classify
+    assert _classify(server, "late-arrival", "hi").status_code == 404
+    shutil.copytree(root / "c2-05", root / "late-arrival")
+    ids = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+    assert "late-arrival" in ids and "broken" in ids and "escape" not in ids
+    response = _classify(server, "late-arrival", [TEXTS[2]])
+    _check_classes(response.json(), references[2], "c2-05", [TEXTS[2]], [f"class-{i}-of-2" for i in range(2)])
+    shutil.rmtree(root / "late-arrival")
+    response = _classify(server, "late-arrival", "hi")
+    assert response.status_code == 404 and "late-arrival" in response.json()["error"]["message"]
+    assert "late-arrival" not in [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+
+
+def test_adapter_endpoints_load_replace_unload(classify):
+    server, references, _, tmp = classify
+    url = server.url + "/v1/adapters"
+    two, three = [f"class-{i}-of-2" for i in range(2)], [f"class-{i}-of-3" for i in range(3)]
+    assert httpx.post(url, json={"name": "hot", "path": "c2-02"}).json() == {
+        "id": "hot",
+        "object": "adapter",
+        "path": "c2-02",
+        "resident": True,
+    }
+    _check_classes(_classify(server, "hot", [TEXTS[0]]).json(), references[2], "c2-02", [TEXTS[0]], two)
+    assert httpx.post(url, json={"name": "hot", "path": "c3-00"}).status_code == 200  # replaced, with another head
+    _check_classes(_classify(server, "hot", [TEXTS[0]]).json(), references[3], "c3-00", [TEXTS[0]], three)
+    failed = httpx.post(url, json={"name": "hot", "path": "broken"})
+    assert failed.status_code == 500 and "adapter_model.safetensors" in failed.json()["error"]["message"]
+    _check_classes(_classify(server, "hot", [TEXTS[0]]).json(), references[3], "c3-00", [TEXTS[0]], three)  # kept
+    assert httpx.delete(url + "/hot").json()["resident"] is False
+    assert _classify(server, "hot", "hi").status_code == 404
+    assert httpx.delete(url + "/hot").status_code == 404
+    for bad in [
+        {"name": "x", "path": "../outside/elsewhere"},
+        {"name": "x", "path": str(tmp / "outside" / "elsewhere")},
+        {"name": "x", "path": "escape"},
+        {"name": "a/b", "path": "c2-02"},
+        {"name": "..", "path": "c2-02"},
+        {"name": "x", "path": "no-such-folder"},
+    ]:
+        response = httpx.post(url, json=bad)
+        assert response.status_code == 400, (bad, response.text)
+    assert _classify(server, "x", "hi").status_code == 404
+
+
+def test_names_and_symlinks_out_of_adapters_are_refused(classify):
+    server, _, _, _ = classify
+    for name in ["../outside/elsewhere", "escape", ".hidden", "/etc"]:
+        response = _classify(server, name, "hi")
+        assert response.status_code == 400, (name, response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+# ----------------------------------------------------------------------------- completions
+@pytest.fixture(scope="module")
+def completion(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("completion")
+    llama = tiny_model(tmp / "tiny-llama", "llama")
+    adapters = make_adapters(llama, "CAUSAL_LM", tmp / "adapters", ["lm-a", "lm-b", "lm-c"], seed=5)
+    reference = Reference(llama, "CAUSAL_LM", adapters)
+    with serving(tmp, "--model", str(llama), "--adapters", str(tmp / "adapters"), "--max-wait-ms", "50") as server:
+        yield server, reference
+
+
+def test_completions_with_openai_client_equal_in_process(completion):
+    """Greedy completions of concurrent requests (mixed adapters, one generate) equal each alone in process."""
+    server, reference = completion
+    client = server.client()
+    jobs = [(model, prompt) for model in ["lm-a", "lm-b", "lm-c", "tiny-llama"] for prompt in TEXTS[:2]]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(
+            pool.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=8, temperature=0), jobs)
+        )
+    for (model, prompt), result in zip(jobs, results):
+        adapter = None if model == "tiny-llama" else model
+        assert result.choices[0].text == reference(adapter, prompt, 8)
+        assert result.model == model and result.usage.prompt_tokens == len(reference.tokenizer(prompt)["input_ids"])
+    texts = {r.choices[0].text for r in results}
+    assert len(texts) > 2, "the adapters should change the completions"
+    several = client.completions.create(model="lm-b", prompt=TEXTS[2:5], max_tokens=5, temperature=0)
+    assert [c.text for c in several.choices] == [reference("lm-b", p, 5) for p in TEXTS[2:5]]
+    assert [c.index for c in several.choices] == [0, 1, 2]
+
+
+def test_completion_options(completion):
+    server, reference = completion
+    client = server.client()
+    full = reference("lm-a", TEXTS[0], 8)
+    stop = full.split()[1] if len(full.split()) > 1 else full[1:3]
+    cut = client.completions.create(model="lm-a", prompt=TEXTS[0], max_tokens=8, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = client.completions.create(model="lm-a", prompt=TEXTS[0], max_tokens=4, temperature=0.8, top_p=0.9)
+    assert sampled.usage.completion_tokens <= 4
+    for unsupported in [dict(n=2), dict(logprobs=1), dict(echo=True), dict(seed=1), dict(max_tokens=0)]:
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="lm-a", prompt="hi", **unsupported)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="lm-a", prompt="hi", stream=True)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="lm-z", prompt="hi")
+
+
+# ----------------------------------------------------------------------- shutdown, defaults
+def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path, bert):
+    adapters = make_adapters(bert, "FEATURE_EXTRACTION", tmp_path / "adapters", ["s0", "s1"], seed=6)
+    reference = Reference(bert, "FEATURE_EXTRACTION", adapters)
+    server = Server(tmp_path, "--model", str(bert), "--adapters", str(tmp_path / "adapters"), "--max-wait-ms", "1500")
+    try:
+        jobs = [("s0", TEXTS[0]), ("s1", TEXTS[1]), ("tiny-bert", TEXTS[2]), ("s0", TEXTS[3])] * 2
+
+        def post(job):
+            body = {"model": job[0], "input": job[1]}
+            return httpx.post(server.url + "/v1/embeddings", json=body, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(post, job) for job in jobs]
+            time.sleep(0.7)  # the requests wait in the batcher (1.5 s window) when SIGTERM comes
+            assert not any(f.done() for f in futures)
+            server.process.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        for (model, text), response in zip(jobs, responses):
+            assert response.status_code == 200, response.text
+            expected = reference(None if model == "tiny-bert" else model, text)
+            torch.testing.assert_close(_vector(response.json()["data"][0]), expected, atol=ATOL, rtol=0)
+        # uvicorn ends a graceful shutdown by re-raising the signal it caught (default action: exit).
+        assert server.process.wait(30) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in server.output()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health", timeout=5)
+    finally:
+        server.stop()
+
+
+def test_no_arguments_serves_what_lntune_train_writes(tmp_path):
+    """``lntune serve`` in the folder where ``lntune train`` ran: MiniLM and the ``lntune-output`` adapter."""
+    minilm = str(gt_minilm.get_model_path())
+    output = tmp_path / "lntune-output"
+    model = get_peft_model(base_model(minilm, "SEQ_CLS"), LNTuningConfig(task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(7)))
+    model.save_pretrained(output)
+    run = {"base_model": minilm, "task": "seq-cls", "labels": ["negative", "positive"], "text_column": "text"}
+    (output / "lntune_run.json").write_text(json.dumps({**run, "label_column": "label", "max_length": 128}))
+    reference = Reference(Path(minilm), "SEQ_CLS", {"lntune-output": output})
+    with serving(tmp_path, cwd=tmp_path) as server:  # only --host and --port, as the README says
+        ids = [m.id for m in server.client().models.list().data]
+        assert ids == ["all-MiniLM-L6-v2", "lntune-output"]
+        response = _classify(server, "lntune-output", TEXTS[:2])
+        _check_classes(response.json(), reference, "lntune-output", TEXTS[:2], ["negative", "positive"])
+        base = _classify(server, "all-MiniLM-L6-v2", "hi")
+        assert base.status_code == 400 and base.json()["error"]["code"] == "no_classification_head"
+
+
+def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
+    from lntune.cli import main
+
+    cases = [
+        (["serve", "--adapters", str(tmp_path / "missing")], "no such folder"),
+        (["serve", "--model", str(tmp_path), "--adapters", str(tmp_path)], "not a Transformers model folder"),
+        (["serve", "--adapters", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size must be positive"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
