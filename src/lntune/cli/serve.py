@@ -97,14 +97,9 @@ def build_service(args: argparse.Namespace):
             max_length=args.max_length or default_max_length(model_path),
             api_key=args.api_key or None,
         )
-        service = ServingService.from_config(config, tokenizer)
+        return ServingService.from_config(config, tokenizer)
     except (OSError, ValueError) as exc:
         raise CLIError(f"--model {model_path}: cannot serve it: {exc}") from None
-    say(
-        f"lntune serve: {config.model_id} ({task}) with the adapters in {adapters} "
-        f"({len(service.catalog.names())} found), on http://{args.host}:{args.port}"
-    )
-    return service
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -118,5 +113,10 @@ def run_serve(args: argparse.Namespace) -> None:
 
     from lntune.serve import create_app
 
-    config = uvicorn.Config(create_app(service), host=args.host, port=args.port, access_log=False, log_level="info")
-    uvicorn.Server(config).run()
+    config = service.config
+    say(
+        f"lntune serve: {config.model_id} ({config.task}) with the adapters in {config.adapters_dir} "
+        f"({len(service.catalog.names())} found), on http://{args.host}:{args.port}"
+    )
+    server = uvicorn.Config(create_app(service), host=args.host, port=args.port, access_log=False, log_level="info")
+    uvicorn.Server(server).run()

@@ -50,7 +50,7 @@ class WorkItem:
 @dataclass(eq=False)
 class _Command:
     run: Callable[[], Any]
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future | None = field(repr=False)
 
 
 def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -130,6 +130,10 @@ class Batcher:
         future = asyncio.get_running_loop().create_future()
         self._queue.put(_Command(function, future))
         return await future
+
+    def post(self, function: Callable[[], Any]) -> None:
+        """Queue ``function`` to run on the worker thread between forwards, without waiting (any thread)."""
+        self._queue.put(_Command(function, None))
 
     # ------------------------------------------------------------------------ worker side
     def _work(self) -> None:
@@ -217,6 +221,10 @@ class Batcher:
         try:
             result = command.run()
         except Exception as exc:  # the handler awaiting it reports the error
-            _settle(command.future, error=exc)
+            if command.future is None:
+                logger.exception("lntune serve: a queued command failed")
+            else:
+                _settle(command.future, error=exc)
         else:
-            _settle(command.future, result)
+            if command.future is not None:
+                _settle(command.future, result)
