@@ -454,8 +454,11 @@ def test_folders_added_and_removed_while_running(classify):
     shutil.copytree(root / "c2-05", root / "late-arrival")
     ids = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
     assert "late-arrival" in ids and "broken" in ids and "escape" not in ids
-    response = _classify(server, "late-arrival", [TEXTS[2]])
-    _check_classes(response.json(), references[2], "c2-05", [TEXTS[2]], [f"class-{i}-of-2" for i in range(2)])
+    two = [f"class-{i}-of-2" for i in range(2)]
+    _check_classes(_classify(server, "late-arrival", [TEXTS[2]]).json(), references[2], "c2-05", [TEXTS[2]], two)
+    shutil.rmtree(root / "late-arrival")  # a new version of its files: served from the next request on
+    shutil.copytree(root / "c2-06", root / "late-arrival")
+    _check_classes(_classify(server, "late-arrival", [TEXTS[2]]).json(), references[2], "c2-06", [TEXTS[2]], two)
     shutil.rmtree(root / "late-arrival")
     response = _classify(server, "late-arrival", "hi")
     assert response.status_code == 404 and "late-arrival" in response.json()["error"]["message"]

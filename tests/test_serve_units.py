@@ -107,6 +107,17 @@ def test_head_size_and_label_names(adapters):
     assert label_names(2, {}, ["a", "b"]) == ("a", "b")
 
 
+def test_models_for_other_head_sizes_share_the_frozen_weights(adapters):
+    from lntune.serve.engine import Engine
+
+    engine = Engine(str(adapters.parent / "tiny-bert"), "seq-cls", pad_token_id=0)
+    engine.load(3, str(adapters / "three"), "a0")  # a second model, for 3-class heads
+    first, second = engine.slots[2].model, engine.slots[3].model
+    dense = [m.bert.encoder.layer[0].intermediate.dense.weight for m in (first, second)]
+    assert dense[0] is dense[1]
+    assert second.classifier.weight.shape[0] == 3 and first.classifier.weight.shape[0] == 2
+
+
 def test_task_and_max_length_defaults(adapters, tmp_path):
     assert infer_task(adapters, MINILM) == "seq-cls"  # from lntune_run.json
     assert infer_task(tmp_path, MINILM) == "feature-extraction"  # no adapters, a BertModel

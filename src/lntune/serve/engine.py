@@ -132,8 +132,8 @@ class Engine:
 
     Example:
         >>> engine = Engine("path/to/minilm", "feature-extraction", pad_token_id=0)
-        >>> engine.run(None, [[101, 2307, 102]], ["__base__"]).shape
-        torch.Size([1, 384])
+        >>> engine.run(None, [[101, 2307, 102]], ["__base__"])[0].shape
+        torch.Size([384])
     """
 
     def __init__(
@@ -151,9 +151,7 @@ class Engine:
         self.pooling = pooling or Pooling()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, self.base_has_head = load_base_model(model_path, task)
-        model.to(self.device)
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = pad_token_id
+        self._place(model)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_token_ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.primary_key = model.config.num_labels if task == "seq-cls" else None
@@ -170,11 +168,15 @@ class Engine:
         if key not in self.slots:
             model, _ = load_base_model(self.model_path, self.task, num_labels=key)
             share_frozen_weights(self._frozen, model)
-            model.to(self.device)
-            if getattr(model.config, "pad_token_id", None) is None:
-                model.config.pad_token_id = self.pad_token_id
-            self.slots[key] = ModelSlot(model)
+            self.slots[key] = ModelSlot(self._place(model))
         return self.slots[key]
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device and tell it the pad token (decoder classifiers find the last token by it)."""
+        model.to(self.device)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.pad_token_id
+        return model
 
     def load(self, key: Hashable, folder: str, adapter_name: str) -> None:
         """Load an adapter folder as ``adapter_name`` into the model ``key``."""
