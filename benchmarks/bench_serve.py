@@ -67,11 +67,13 @@ def make_adapters(folder: Path, count: int, seed: int = 0) -> list[str]:
     return names
 
 
-def texts(count: int = 256) -> list[str]:
+def texts(words: int | None = None, count: int = 256) -> list[str]:
+    """Movie-review snippets of the bundled dataset (cut to their first ``words`` words if given)."""
     from lntune.cli.data import DEFAULT_TRAIN, bundled_file
 
     with open(bundled_file(DEFAULT_TRAIN), newline="", encoding="utf-8") as fh:
-        return [row["text"] for _, row in zip(range(count), csv.DictReader(fh))]
+        rows = [row["text"] for _, row in zip(range(count), csv.DictReader(fh))]
+    return [" ".join(text.split()[:words]) for text in rows] if words else rows
 
 
 # ------------------------------------------------------------------------------------ servers
@@ -260,6 +262,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=None, help="seconds per variant and round (default 15, quick 3)")
     p.add_argument("--clients", type=int, default=32, help="concurrent connections (default 32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server (default 1)")
+    p.add_argument("--many", type=int, default=1000, help="the largest adapter count served (default 1000)")
+    p.add_argument("--words", type=int, help="cut each text to its first N words (default: whole snippets)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--peft-server", metavar="ADAPTERS", help=argparse.SUPPRESS)
@@ -274,14 +278,15 @@ def main() -> None:
 
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (3.0 if args.quick else 15.0)
-    many, peft_many = (50, 30) if args.quick else (1000, 200)
+    many, peft_many = (50, 30) if args.quick else (args.many, min(200, args.many))
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
         f"{os.cpu_count()} CPUs, server torch threads {args.threads}; {args.clients} clients, {rounds} rounds of "
-        f"{seconds:g} s per variant; max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms\n",
+        f"{seconds:g} s per variant; max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms; "
+        f"texts: {f'first {args.words} words of ' if args.words else ''}movie-review snippets\n",
         flush=True,
     )
-    corpus = texts()
+    corpus = texts(args.words)
     with tempfile.TemporaryDirectory(prefix="lntune-bench-serve-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
