@@ -324,7 +324,7 @@ def test_load_2000_requests_32_clients_200_adapters(embedding):
     for _ in range(N_REQUESTS):
         model = "tiny-bert" if rng.random() < 0.05 else rng.choice(names)
         plan.append((model, rng.sample(TEXTS, rng.choice([1, 1, 1, 2]))))
-    batches_before = metric(server, "lntune_batch_size_count")
+    before = {name: metric(server, name) for name in ("lntune_batch_size_count", "lntune_batch_adapters_sum")}
 
     async def run() -> list:
         results: list = [None] * len(plan)
@@ -351,8 +351,10 @@ def test_load_2000_requests_32_clients_200_adapters(embedding):
         for text, item in zip(texts, body["data"]):
             expected = reference(None if model == "tiny-bert" else model, text)
             torch.testing.assert_close(_vector(item), expected, atol=ATOL, rtol=0)
-    batches = metric(server, "lntune_batch_size_count") - batches_before
-    assert batches < N_REQUESTS, "requests were never batched together"
+    after = {name: metric(server, name) - value for name, value in before.items()}
+    forwards, adapters_per_forward = after["lntune_batch_size_count"], after["lntune_batch_adapters_sum"]
+    adapters_per_forward /= forwards
+    assert forwards < N_REQUESTS and adapters_per_forward > 1, "requests of different adapters never shared a forward"
     assert metric(server, "lntune_resident_adapters") >= len({m for m, _ in plan} - {"tiny-bert"})
 
 
