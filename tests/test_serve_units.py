@@ -11,7 +11,7 @@ import torch
 from test_serve import make_adapters, tiny_model
 
 from lntune.serve.app import endpoint_label
-from lntune.serve.catalog import AdapterCatalog, check_name, head_size, infer_task, label_names
+from lntune.serve.catalog import AdapterCatalog, check_name, head_size, infer_task, label_names, recorded_base_model
 from lntune.serve.config import ServeConfig, default_max_length
 from lntune.serve.errors import APIError
 from lntune.serve.pooling import Pooling, pool, read_pooling
@@ -118,9 +118,16 @@ def test_models_for_other_head_sizes_share_the_frozen_weights(adapters):
     assert second.classifier.original_module.weight.shape[0] == 3 and first.classifier.weight.shape[0] == 2
 
 
-def test_task_and_max_length_defaults(adapters, tmp_path):
+def test_task_base_model_and_max_length_defaults(adapters, tmp_path):
     assert infer_task(adapters, MINILM) == "seq-cls"  # from lntune_run.json
-    assert infer_task(tmp_path, MINILM) == "feature-extraction"  # no adapters, a BertModel
+    assert recorded_base_model(adapters) is None  # make_adapters records no base_model
+    run = adapters / "two" / "lntune_run.json"
+    (tmp_path / "one").mkdir()
+    for file in ["adapter_config.json", "adapter_model.safetensors"]:
+        (tmp_path / "one" / file).write_bytes((adapters / "two" / file).read_bytes())
+    (tmp_path / "one" / "lntune_run.json").write_text(json.dumps({**json.loads(run.read_text()), "base_model": MINILM}))
+    assert recorded_base_model(tmp_path / "one") == MINILM
+    assert infer_task(tmp_path / "empty", MINILM) == "feature-extraction"  # no adapters, a BertModel
     assert default_max_length(MINILM) == 256  # sentence-transformers' max_seq_length
     assert default_max_length(adapters.parent / "tiny-bert") == 64  # max_position_embeddings
     mixed = tmp_path / "mixed"

@@ -18,7 +18,9 @@ DEFAULT_ADAPTERS = "lntune-output"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lntune serve``."""
     parser.add_argument(
-        "--model", metavar="PATH", help="local Transformers model folder (default: packaged all-MiniLM-L6-v2)"
+        "--model",
+        metavar="PATH",
+        help="local Transformers model folder (default: the one lntune train recorded, else packaged all-MiniLM-L6-v2)",
     )
     parser.add_argument(
         "--adapters",
@@ -68,7 +70,7 @@ def build_service(args: argparse.Namespace):
     """
     try:
         from lntune.serve import ServingService
-        from lntune.serve.catalog import infer_task
+        from lntune.serve.catalog import infer_task, recorded_base_model
     except ImportError as exc:
         missing = f"lntune serve needs the serve extra ({exc.name} is missing)"
         raise CLIError(f"{missing}: pip install 'lntune[serve]'.") from None
@@ -78,17 +80,21 @@ def build_service(args: argparse.Namespace):
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}.")
     if args.max_wait_ms < 0:
         raise CLIError(f"--max-wait-ms must not be negative, got {args.max_wait_ms}.")
-    model_path = args.model or default_model_path()
     adapters = Path(args.adapters)
     if not adapters.is_dir():
         hint = " (lntune train writes it; run it first)" if args.adapters == DEFAULT_ADAPTERS else ""
         raise CLIError(f"--adapters {adapters}: no such folder{hint}; pass --adapters DIR, a folder of adapters.")
+    model_path = args.model or recorded_base_model(adapters) or default_model_path()
+    try:
+        packaged = default_model_path()
+    except CLIError:  # the demo extra (with the packaged model) is not installed
+        packaged = None
     tokenizer = load_tokenizer(model_path)
     try:
         task = args.task or infer_task(adapters, model_path)
         config = ServeConfig(
             model_path=model_path,
-            model_id=Path(model_path).name if args.model else DEFAULT_MODEL_ID,
+            model_id=DEFAULT_MODEL_ID if model_path == packaged else Path(model_path).name,
             adapters_dir=adapters,
             task=task,
             max_batch_size=args.max_batch_size,

@@ -306,6 +306,41 @@ class AdapterCatalog:
         return label_names(num_labels, self.base_labels, trained)
 
 
+def _recorded(root: Path, key: str) -> set[str]:
+    """The values of ``key`` that the adapters of ``root`` record: in ``lntune_run.json``, else (for
+    ``task``) the ``task_type`` of ``adapter_config.json``. Unreadable adapters are skipped (their own
+    requests fail later)."""
+    by_type = {value: name for name, value in TASK_TYPES.items()}
+    folders = [root] + (sorted(c for c in root.iterdir() if not c.name.startswith(".")) if root.is_dir() else [])
+    values = set()
+    for folder in folders:
+        if not is_adapter_folder(folder):
+            continue
+        try:
+            run = json.loads((folder / RUN_FILE).read_text(encoding="utf-8")) if (folder / RUN_FILE).is_file() else {}
+            value = run.get(key)
+            if value is None and key == "task":
+                value = by_type.get(json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("task_type"))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            values.add(value)
+    return values
+
+
+def recorded_base_model(root: Path) -> str | None:
+    """The base model folder that the adapters of ``root`` were trained on (``base_model`` in their
+    ``lntune_run.json``), if they all name the same one and it exists; else None.
+
+    Example:
+        >>> recorded_base_model(Path("lntune-output"))
+        '/path/to/the/model/lntune/train/used'
+    """
+    models = _recorded(root, "base_model")
+    model = models.pop() if len(models) == 1 else None
+    return model if model is not None and Path(model).is_dir() else None
+
+
 def infer_task(root: Path, model_path: str) -> str:
     """The task to serve when ``--task`` is not given: the one the adapters in ``root`` were trained for.
 
@@ -320,19 +355,7 @@ def infer_task(root: Path, model_path: str) -> str:
         >>> infer_task(Path("lntune-output"), "path/to/minilm")
         'seq-cls'
     """
-    by_type = {value: key for key, value in TASK_TYPES.items()}
-    folders = [root] + (sorted(c for c in root.iterdir() if not c.name.startswith(".")) if root.is_dir() else [])
-    tasks = set()
-    for folder in folders:
-        if not is_adapter_folder(folder):
-            continue
-        try:
-            run = json.loads((folder / RUN_FILE).read_text(encoding="utf-8")) if (folder / RUN_FILE).is_file() else {}
-            task = run.get("task") or by_type.get(json.loads((folder / CONFIG_NAME).read_text()).get("task_type"))
-        except (OSError, ValueError, AttributeError):
-            continue  # a broken adapter fails its own requests later
-        if task in TASK_TYPES:
-            tasks.add(task)
+    tasks = _recorded(root, "task") & set(TASK_TYPES)
     if len(tasks) > 1:
         raise ValueError(f"the adapters in {root} were trained for different tasks {sorted(tasks)}; pass --task.")
     if tasks:
