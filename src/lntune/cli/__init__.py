@@ -1,4 +1,4 @@
-"""The ``lntune`` command: ``train``, ``eval``, ``inspect`` and ``merge`` (also ``python -m lntune``).
+"""The ``lntune`` command: ``train``, ``eval``, ``inspect``, ``merge`` and ``serve`` (also ``python -m lntune``).
 
 Bad input ends with one line on stderr and exit code 2, and nothing is written; Ctrl-C ends with one
 line saying what was kept, and exit code 130.
@@ -21,6 +21,7 @@ COMMANDS = [
     ("eval", "score an adapter; metrics as JSON on stdout", "commands:add_eval_arguments", "commands:run_eval"),
     ("inspect", "list the modules that would be tuned", "commands:add_inspect_arguments", "commands:run_inspect"),
     ("merge", "save the model with the adapter merged in", "commands:add_merge_arguments", "commands:run_merge"),
+    ("serve", "serve the base model and its adapters over HTTP", "serve:add_arguments", "serve:run_serve"),
 ]
 
 #: Exit codes: bad input (as argparse), and Ctrl-C (128 + SIGINT, as shells report it).

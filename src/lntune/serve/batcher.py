@@ -1,0 +1,230 @@
+"""`Batcher`: the one worker thread that owns the model.
+
+Handlers put work items (one per input text or prompt) on a queue and await their futures. The worker
+takes the first item, waits up to ``max_wait_ms`` for more (up to ``max_batch_size``, from any mix of
+adapters), makes the batch's adapters resident, runs one mixed-adapter forward per model (and per
+generation setting), and resolves the futures. Adapter loads, unloads and commands from
+``/v1/adapters`` run in this thread too, between forwards, never during one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lntune.mixed_batch import BASE_ADAPTER_NAME
+from lntune.serve.catalog import AdapterSource
+from lntune.serve.engine import Engine
+from lntune.serve.errors import APIError
+from lntune.serve.metrics import ServerMetrics
+from lntune.serve.registry import AdapterRegistry
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One sample: its adapter (None: the base model), token ids and generation options.
+
+    Items with different ``options`` never share a forward (``causal-lm``: the `Sampling`); ``budget`` is
+    the sample's own limit of new tokens.
+    """
+
+    source: AdapterSource | None
+    input_ids: list[int]
+    future: asyncio.Future
+    options: Hashable = None
+    budget: int = 0
+
+
+@dataclass(eq=False)
+class _Command:
+    run: Callable[[], Any]
+    future: asyncio.Future | None = field(repr=False)
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve ``future`` from the worker thread (nothing if its request went away meanwhile)."""
+
+    def apply() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is gone
+        future.get_loop().call_soon_threadsafe(apply)
+
+
+class Batcher:
+    """Joins work items into mixed-adapter batches and runs them on one thread.
+
+    Args:
+        engine: The models.
+        registry: The resident adapters.
+        metrics: Where batch sizes are recorded.
+        max_batch_size: Most samples per forward.
+        max_wait_ms: How long a batch's first item waits for more.
+
+    Example:
+        >>> batcher = Batcher(engine, registry, metrics, max_batch_size=32, max_wait_ms=5)
+        >>> batcher.start()
+        >>> embedding = await batcher.submit([WorkItem(None, [101, 102], loop.create_future())])
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        registry: AdapterRegistry,
+        metrics: ServerMetrics,
+        max_batch_size: int,
+        max_wait_ms: float,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: deque[WorkItem] = deque()
+        self._thread: threading.Thread | None = None
+
+    # --------------------------------------------------------------------- event-loop side
+    def start(self) -> None:
+        """Start the worker thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="lntune-serve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then stop the worker thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def submit(self, items: list[WorkItem]) -> list:
+        """Queue ``items`` and wait for all their results (the first error is raised)."""
+        for item in items:
+            self._queue.put(item)
+        results = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if error is not None:
+            raise error
+        return results
+
+    async def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the worker thread between forwards and return its result."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put(_Command(function, future))
+        return await future
+
+    def post(self, function: Callable[[], Any]) -> None:
+        """Queue ``function`` to run on the worker thread between forwards, without waiting (any thread)."""
+        self._queue.put(_Command(function, None))
+
+    # ------------------------------------------------------------------------ worker side
+    def _work(self) -> None:
+        while True:
+            batch, commands, stop = self._collect()
+            if batch:
+                self._run_batch(batch)
+            for command in commands:
+                self._run_command(command)
+            if stop:
+                for item in self._pending:
+                    _settle(item.future, error=APIError(503, "The server is shutting down.", type="server_error"))
+                return
+
+    def _collect(self) -> tuple[list[WorkItem], list[_Command], bool]:
+        """The next batch, the commands that arrived meanwhile (run after it), and whether to stop."""
+        first = self._pending.popleft() if self._pending else self._queue.get()
+        if first is _STOP:
+            return [], [], True
+        if isinstance(first, _Command):
+            return [], [first], False
+        batch, deadline = [first], time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            if self._pending:
+                item = self._pending.popleft()
+            else:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if item is _STOP:
+                return self._within_resident_limit(batch), [], True
+            if isinstance(item, _Command):
+                return self._within_resident_limit(batch), [item], False
+            batch.append(item)
+        return self._within_resident_limit(batch), [], False
+
+    def _within_resident_limit(self, batch: list[WorkItem]) -> list[WorkItem]:
+        """The items of ``batch`` whose adapters fit in ``max_resident``; the rest wait for the next batch."""
+        names: set[str] = set()
+        kept, deferred = [], []
+        for item in batch:
+            if item.future.done():  # its request went away
+                continue
+            name = item.source.name if item.source is not None else None
+            if name is not None and name not in names and len(names) >= self.registry.max_resident:
+                deferred.append(item)
+                continue
+            if name is not None:
+                names.add(name)
+            kept.append(item)
+        self._pending.extendleft(reversed(deferred))
+        return kept
+
+    def _run_batch(self, batch: list[WorkItem]) -> None:
+        failures = self.registry.prepare(item.source for item in batch if item.source is not None)
+        groups: dict[tuple, list[WorkItem]] = defaultdict(list)
+        for item in batch:
+            if item.source is not None and item.source.name in failures:
+                _settle(item.future, error=failures[item.source.name])
+                continue
+            key = self.engine.primary_key if item.source is None else self.registry.resident(item.source.name).key
+            groups[(key, item.options)].append(item)
+        for (key, options), items in groups.items():
+            names = [
+                BASE_ADAPTER_NAME if i.source is None else self.registry.resident(i.source.name).internal_name
+                for i in items
+            ]
+            sampling = None if options is None else (options, [i.budget for i in items])
+            try:
+                results = self.engine.run(key, [i.input_ids for i in items], names, sampling)
+            except Exception as exc:  # a failed forward fails its requests; the server keeps serving
+                logger.exception("lntune serve: a batch of %d samples failed", len(items))
+                error = APIError(500, f"The model failed on this batch: {type(exc).__name__}: {exc}", "server_error")
+                for item in items:
+                    _settle(item.future, error=error)
+                continue
+            self.metrics.batch_size.observe(len(items))
+            self.metrics.batch_adapters.observe(len(set(names)))
+            for item, result in zip(items, results):
+                _settle(item.future, result)
+
+    def _run_command(self, command: _Command) -> None:
+        try:
+            result = command.run()
+        except Exception as exc:  # the handler awaiting it reports the error
+            if command.future is None:
+                logger.exception("lntune serve: a queued command failed")
+            else:
+                _settle(command.future, error=exc)
+        else:
+            if command.future is not None:
+                _settle(command.future, result)

@@ -1,0 +1,369 @@
+"""`AdapterCatalog`: which adapters the ``--adapters`` folder holds, found by name, kept inside that folder.
+
+An adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``): every
+such subfolder of ``--adapters`` (named by the subfolder), and ``--adapters`` itself when it is one (named
+by the folder, as ``lntune train`` writes ``lntune-output``). Lookups read the folder on each request (a few
+``stat`` calls), so folders added, changed or removed while the server runs are seen at once; what is read
+from an adapter's files is cached until they change. Names and paths that leave ``--adapters`` (``..``,
+absolute paths elsewhere, symlinks out) are refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lntune.checkpoint import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from lntune.cli.common import RUN_FILE
+from lntune.config import CONFIG_NAME, LNTuningConfig
+from lntune.serve.config import TASK_TYPES
+from lntune.serve.errors import APIError, adapter_failed, bad_request, not_found
+
+_WEIGHT_FILES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
+_HEAD_MODULES = {"classifier", "score"}
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """One adapter as read from its folder.
+
+    Args:
+        name: The adapter's name in the API.
+        folder: Its folder (inside ``--adapters``).
+        generation: Increases each time the catalog (re)reads an adapter: a resident copy older than the
+            source a request names is reloaded.
+        fingerprint: Sizes and modification times of its files (a change means a new version).
+        num_labels: The classifier head's output size (``seq-cls``; None if the file has no head).
+        labels: Label names, one per class (``seq-cls``).
+    """
+
+    name: str
+    folder: Path
+    generation: int
+    fingerprint: tuple
+    num_labels: int | None = None
+    labels: tuple[str, ...] | None = None
+
+
+def check_name(name: str) -> None:
+    """Raise a 400 unless ``name`` can name a folder directly inside ``--adapters``."""
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise bad_request(
+            f"Invalid adapter name {name!r}: use the name of a folder inside --adapters (no '/', '\\', leading "
+            "'.' or '..').",
+            param="model",
+            code="invalid_adapter_name",
+        )
+
+
+def _stat_key(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _weights_file(folder: Path) -> Path | None:
+    return next((folder / f for f in _WEIGHT_FILES if (folder / f).is_file()), None)
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds ``adapter_config.json`` and a weights file."""
+    return (folder / CONFIG_NAME).is_file() and _weights_file(folder) is not None
+
+
+def _weight_shapes(path: Path) -> dict[str, list[int]]:
+    """``{key: shape}`` of a weights file, reading only the header of a safetensors file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                return {key: list(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {key: list(value.shape) for key, value in state.items()}
+    except Exception as exc:  # safetensors and torch.load raise many types for broken files
+        raise adapter_failed(f"Cannot read adapter weights {path}: {exc}") from None
+
+
+def head_size(weights: Path) -> int | None:
+    """The number of classes of the classifier head saved in ``weights`` (None if it has none).
+
+    The head is the last linear layer under a module named ``classifier`` or ``score`` (``out_proj`` of
+    RoBERTa-style heads).
+
+    Example:
+        >>> head_size(Path("lntune-output/adapter_model.safetensors"))
+        2
+    """
+    keys = [
+        (key, shape)
+        for key, shape in _weight_shapes(weights).items()
+        if len(shape) == 2 and key.endswith(".weight") and _HEAD_MODULES & set(key.split(".")[:-1])
+    ]
+    keys.sort(key=lambda item: not item[0].endswith("out_proj.weight"))
+    return keys[0][1][0] if keys else None
+
+
+def label_names(num_labels: int, base_labels: dict[int, str], trained: list | tuple | None = None) -> tuple[str, ...]:
+    """Names of ``num_labels`` classes: ``trained`` (as recorded in training) if it fits, else the base
+    model config's ``id2label`` if it fits, else ``LABEL_0``, ``LABEL_1``...
+
+    Example:
+        >>> label_names(2, {0: "LABEL_0", 1: "LABEL_1"}, ["negative", "positive"])
+        ('negative', 'positive')
+    """
+    if isinstance(trained, (list, tuple)) and len(trained) == num_labels:
+        return tuple(str(label) for label in trained)
+    if len(base_labels) == num_labels:
+        return tuple(base_labels[i] for i in range(num_labels))
+    return tuple(f"LABEL_{i}" for i in range(num_labels))
+
+
+class AdapterCatalog:
+    """The adapters of one ``--adapters`` folder, by name.
+
+    Args:
+        root: The ``--adapters`` folder.
+        base_model_id: The base model's name (never an adapter's).
+        task: The server's task; adapters saved for another task are refused with a clear error.
+        base_labels: The base model's label names by class index (``seq-cls``), used when an adapter's
+            ``lntune_run.json`` does not name its labels.
+
+    Example:
+        >>> catalog = AdapterCatalog(Path("adapters"), "all-MiniLM-L6-v2", "feature-extraction")
+        >>> catalog.resolve("my-adapter").folder
+        PosixPath('adapters/my-adapter')
+    """
+
+    def __init__(self, root: Path, base_model_id: str, task: str, base_labels: dict[int, str] | None = None) -> None:
+        self.root = Path(root)
+        self.base_model_id = base_model_id
+        self.task = task
+        self.base_labels = dict(base_labels or {})
+        self._real_root = self.root.resolve()
+        self._registered: dict[str, Path] = {}
+        self._hidden: set[str] = set()
+        self._known: dict[str, AdapterSource] = {}
+        self._generations = itertools.count(1)
+
+    # ----------------------------------------------------------------------------- listing
+    def names(self) -> list[str]:
+        """The names of every adapter that can be served now (folders found plus adapters registered)."""
+        found = [self.root.name] if is_adapter_folder(self.root) and self._inside(self.root) else []
+        try:
+            children = sorted(self.root.iterdir())
+        except OSError:
+            children = []
+        found += [c.name for c in children if not c.name.startswith(".") and is_adapter_folder(c) and self._inside(c)]
+        found += list(self._registered)
+        hidden = self._hidden | {self.base_model_id}
+        return [n for n in dict.fromkeys(found) if n not in hidden]
+
+    # ----------------------------------------------------------------------------- lookups
+    def resolve(self, name: str) -> AdapterSource | None:
+        """The adapter ``name`` as its folder holds it now; None for the base model's name.
+
+        Raises:
+            APIError: 400 for a name or folder outside ``--adapters`` or an adapter of another task, 404 if no
+                such adapter exists, 500 if its files cannot be read (naming the file).
+        """
+        if name == self.base_model_id:
+            return None
+        check_name(name)
+        if name in self._hidden:
+            raise not_found(
+                f"The adapter '{name}' was unloaded with DELETE /v1/adapters/{name}; POST /v1/adapters "
+                f'{{"name": "{name}", "path": ...}} to serve it again.'
+            )
+        folder = self._registered.get(name) or self._folder_of(name)
+        config = folder / CONFIG_NAME
+        weights = _weights_file(folder)
+        config_key = _stat_key(config)
+        if config_key is None:
+            raise not_found(
+                f"The model '{name}' does not exist: it is not the base model '{self.base_model_id}' and "
+                f"{self.root} has no adapter folder '{name}' (with {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME} "
+                "or .bin). GET /v1/models lists the models served."
+            )
+        if weights is None:
+            raise adapter_failed(f"Adapter '{name}': {folder} has {CONFIG_NAME} but no {' or '.join(_WEIGHT_FILES)}.")
+        fingerprint = (config_key, str(weights), _stat_key(weights), _stat_key(folder / RUN_FILE))
+        known = self._known.get(name)
+        if known is not None and known.folder == folder and known.fingerprint == fingerprint:
+            return known
+        source = self._read(name, folder, weights, fingerprint)
+        self._known[name] = source
+        return source
+
+    def register(self, name: str, path: str) -> AdapterSource:
+        """Serve the adapter folder ``path`` (inside ``--adapters``) as ``name`` (``POST /v1/adapters``).
+
+        Returns:
+            The new source, with a new generation even if the files are unchanged (so that it is reloaded).
+        """
+        check_name(name)
+        if name == self.base_model_id:
+            raise bad_request(f"'{name}' is the base model's name; choose another adapter name.", param="name")
+        folder = self.root / path  # an absolute path replaces the root; _inside then decides
+        if not self._inside(folder):
+            raise bad_request(
+                f"path {path!r} leaves --adapters ({self.root}); adapters can only be loaded from inside it.",
+                param="path",
+                code="path_outside_adapters",
+            )
+        if not (folder / CONFIG_NAME).is_file():
+            raise bad_request(f"path {path!r}: {folder} has no {CONFIG_NAME}; not an adapter folder.", param="path")
+        before = self.snapshot(name)
+        self._registered[name] = folder
+        self._hidden.discard(name)
+        self._known.pop(name, None)
+        try:
+            return self.resolve(name)
+        except APIError:
+            self.restore(name, before)
+            raise
+
+    def snapshot(self, name: str) -> tuple:
+        """What the catalog knows of ``name`` now, for `restore`."""
+        return self._registered.get(name), name in self._hidden, self._known.get(name)
+
+    def restore(self, name: str, snapshot: tuple) -> None:
+        """Put back what `snapshot` took (a registration whose adapter failed to load is undone)."""
+        folder, hidden, known = snapshot
+        for table, value in ((self._registered, folder), (self._known, known)):
+            if value is None:
+                table.pop(name, None)
+            else:
+                table[name] = value
+        if hidden:
+            self._hidden.add(name)
+        else:
+            self._hidden.discard(name)
+
+    def forget(self, name: str) -> None:
+        """Stop serving ``name`` until it is registered again (``DELETE /v1/adapters/{name}``)."""
+        check_name(name)
+        exists = name in self._registered or (self._folder_of(name) / CONFIG_NAME).is_file()
+        if name == self.base_model_id or name in self._hidden or not exists:
+            raise not_found(f"No adapter '{name}' to unload; GET /v1/models lists the models served.")
+        self._registered.pop(name, None)
+        self._known.pop(name, None)
+        self._hidden.add(name)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _folder_of(self, name: str) -> Path:
+        child = self.root / name
+        if not child.exists() and name == self.root.name:
+            return self.root
+        return child
+
+    def _inside(self, path: Path) -> bool:
+        real = Path(os.path.realpath(path))
+        return real == self._real_root or self._real_root in real.parents
+
+    def _read(self, name: str, folder: Path, weights: Path, fingerprint: tuple) -> AdapterSource:
+        for path in (folder, folder / CONFIG_NAME, weights):
+            if not self._inside(path):
+                raise bad_request(
+                    f"Adapter '{name}': {path} leads outside --adapters ({self.root}) through a symlink; refused.",
+                    code="path_outside_adapters",
+                )
+        try:
+            config = LNTuningConfig.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as exc:
+            raise adapter_failed(f"Adapter '{name}': cannot read {folder / CONFIG_NAME}: {exc}") from None
+        task_type = None if config.task_type is None else str(config.task_type)
+        if task_type not in (None, TASK_TYPES[self.task]):
+            served = {value: key for key, value in TASK_TYPES.items()}.get(task_type, task_type)
+            raise bad_request(
+                f"Adapter '{name}' was saved for task_type {task_type} ({folder / CONFIG_NAME}), but this server "
+                f"serves {self.task}; serve it with lntune serve --task {served}.",
+                param="model",
+                code="adapter_task_mismatch",
+            )
+        num_labels = labels = None
+        if self.task == "seq-cls":
+            num_labels = head_size(weights)
+            if num_labels is not None:
+                labels = self._label_names(name, folder / RUN_FILE, num_labels)
+        return AdapterSource(name, folder, next(self._generations), fingerprint, num_labels, labels)
+
+    def _label_names(self, name: str, run_file: Path, num_labels: int) -> tuple[str, ...]:
+        """The adapter's labels: from ``lntune_run.json``, else the base model config's, else ``LABEL_i``."""
+        trained = None
+        if run_file.is_file():
+            try:
+                trained = json.loads(run_file.read_text(encoding="utf-8")).get("labels")
+            except (OSError, ValueError, AttributeError) as exc:
+                raise adapter_failed(f"Adapter '{name}': cannot read {run_file}: {exc}") from None
+        return label_names(num_labels, self.base_labels, trained)
+
+
+def _recorded(root: Path, key: str) -> set[str]:
+    """The values of ``key`` that the adapters of ``root`` record: in ``lntune_run.json``, else (for
+    ``task``) the ``task_type`` of ``adapter_config.json``. Unreadable adapters are skipped (their own
+    requests fail later)."""
+    by_type = {value: name for name, value in TASK_TYPES.items()}
+    folders = [root] + (sorted(c for c in root.iterdir() if not c.name.startswith(".")) if root.is_dir() else [])
+    values = set()
+    for folder in folders:
+        if not is_adapter_folder(folder):
+            continue
+        try:
+            run = json.loads((folder / RUN_FILE).read_text(encoding="utf-8")) if (folder / RUN_FILE).is_file() else {}
+            value = run.get(key)
+            if value is None and key == "task":
+                value = by_type.get(json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("task_type"))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            values.add(value)
+    return values
+
+
+def recorded_base_model(root: Path) -> str | None:
+    """The base model folder that the adapters of ``root`` were trained on (``base_model`` in their
+    ``lntune_run.json``), if they all name the same one and it exists; else None.
+
+    Example:
+        >>> recorded_base_model(Path("lntune-output"))
+        '/path/to/the/model/lntune/train/used'
+    """
+    models = _recorded(root, "base_model")
+    model = models.pop() if len(models) == 1 else None
+    return model if model is not None and Path(model).is_dir() else None
+
+
+def infer_task(root: Path, model_path: str) -> str:
+    """The task to serve when ``--task`` is not given: the one the adapters in ``root`` were trained for.
+
+    Each adapter's task comes from its ``lntune_run.json`` (``task``), else its ``adapter_config.json``
+    (``task_type``). Without adapters saying one, the base model's architecture decides: ``...ForCausalLM``
+    is ``causal-lm``, ``...ForSequenceClassification`` is ``seq-cls``, anything else ``feature-extraction``.
+
+    Raises:
+        ValueError: if the adapters were trained for different tasks (pass ``--task``).
+
+    Example:
+        >>> infer_task(Path("lntune-output"), "path/to/minilm")
+        'seq-cls'
+    """
+    tasks = _recorded(root, "task") & set(TASK_TYPES)
+    if len(tasks) > 1:
+        raise ValueError(f"the adapters in {root} were trained for different tasks {sorted(tasks)}; pass --task.")
+    if tasks:
+        return tasks.pop()
+    config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return "causal-lm"
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "seq-cls"
+    return "feature-extraction"

@@ -1,0 +1,237 @@
+"""`Engine`: the base model(s) of a server, adapter loading through lntune's public API, and one batch's run.
+
+Only the worker thread calls an engine. Every adapter lives in one lntune `PeftModel`
+(`PeftModel.from_pretrained` for the first, `load_adapter` after it, `delete_adapter` to unload) and each
+batch is one mixed forward ``model(**batch, adapter_names=[...])`` (``"__base__"``: no adapter) or one
+``generate(..., adapter_names=[...])``.
+
+Sequence classification: adapters whose heads have a different number of classes cannot share a head
+module, so each head size gets its own model (made on first use). Its frozen weights are the first
+model's tensors (shared, not copied); only the head differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lntune import PeftModel
+from lntune.serve.pooling import Pooling, pool
+
+_HEAD_MODULES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings shared by the samples of one ``generate`` call (temperature 0: greedy)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+def load_base_model(path: str, task: str, num_labels: int | None = None) -> tuple[nn.Module, bool]:
+    """Load the base model of ``task`` from a local folder, in eval mode.
+
+    Args:
+        path: A local Transformers model folder.
+        task: ``seq-cls``, ``feature-extraction`` or ``causal-lm``.
+        num_labels: ``seq-cls`` only: the head's size (None: the folder's).
+
+    Returns:
+        ``(model, has_trained_head)``; the second is False when ``seq-cls`` had to create a new head.
+
+    Example:
+        >>> model, has_head = load_base_model("path/to/minilm", "feature-extraction")
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "seq-cls":
+        sized = {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **sized)
+        mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+        new = [*info.get("missing_keys", ()), *mismatched]
+        has_head = not any(part in _HEAD_MODULES for key in new for part in key.split("."))
+    elif task == "causal-lm":
+        model, has_head = AutoModelForCausalLM.from_pretrained(path), True
+    else:
+        model, has_head = AutoModel.from_pretrained(path), True
+    return model.eval(), has_head
+
+
+def share_frozen_weights(source: dict[str, nn.Parameter], model: nn.Module) -> None:
+    """Make ``model`` use ``source``'s tensors wherever a parameter has the same name and shape.
+
+    Args:
+        source: ``dict(other.named_parameters())`` of an identical model, taken before any adapter wraps it.
+        model: A fresh model (not yet wrapped); its parameters of other shapes (a new head) stay its own.
+    """
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            full = f"{module_name}.{name}" if module_name else name
+            shared = source.get(full)
+            if param is not None and shared is not None and shared.shape == param.shape:
+                module._parameters[name] = shared
+
+
+class ModelSlot:
+    """One base model and the lntune `PeftModel` around it (created by the first adapter load)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.peft: PeftModel | None = None
+
+    def load(self, folder: str, adapter_name: str) -> None:
+        """Load the adapter in ``folder`` as ``adapter_name`` (all-or-nothing: on error nothing changed)."""
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, folder, adapter_name=adapter_name)
+        else:
+            self.peft.load_adapter(folder, adapter_name=adapter_name)
+
+    def delete(self, adapter_name: str) -> None:
+        """Unload ``adapter_name``."""
+        with warnings.catch_warnings():  # "adapter X was active ... setting active adapter to Y": irrelevant here
+            warnings.simplefilter("ignore")
+            self.peft.delete_adapter(adapter_name)
+
+    def forward(self, adapter_names: list[str], **inputs):
+        if self.peft is None:  # no adapter loaded yet: every sample is "__base__"
+            return self.model(**inputs)
+        return self.peft(**inputs, adapter_names=adapter_names)
+
+    def generate(self, adapter_names: list[str], **inputs):
+        if self.peft is None:
+            return self.model.generate(**inputs)
+        return self.peft.generate(**inputs, adapter_names=adapter_names)
+
+
+def _padded(sequences: Sequence[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` for token lists of different lengths."""
+    width = max(len(s) for s in sequences)
+    ids, mask = [], []
+    for s in sequences:
+        fill = [pad_id] * (width - len(s))
+        ids.append(fill + s if left else s + fill)
+        ones, zeros = [1] * len(s), [0] * (width - len(s))
+        mask.append(zeros + ones if left else ones + zeros)
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+class Engine:
+    """The models of one server and how a batch of one task runs on them.
+
+    Args:
+        model_path: The base model folder.
+        task: ``seq-cls``, ``feature-extraction`` or ``causal-lm``.
+        pad_token_id: The tokenizer's pad token.
+        eos_token_ids: Tokens that end a generated sequence (``causal-lm``), besides the model's own.
+        pooling: How embeddings are pooled (``feature-extraction``).
+
+    Example:
+        >>> engine = Engine("path/to/minilm", "feature-extraction", pad_token_id=0)
+        >>> engine.run(None, [[101, 2307, 102]], ["__base__"])[0].shape
+        torch.Size([384])
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        task: str,
+        pad_token_id: int,
+        eos_token_ids: Sequence[int] = (),
+        pooling: Pooling | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.task = task
+        self.pad_token_id = pad_token_id
+        self.eos_token_ids = set(eos_token_ids)
+        self.pooling = pooling or Pooling()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, self.base_has_head = load_base_model(model_path, task)
+        self._place(model)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.primary_key = model.config.num_labels if task == "seq-cls" else None
+        self.base_labels = dict(model.config.id2label) if task == "seq-cls" else {}
+        self._frozen = dict(model.named_parameters()) if task == "seq-cls" else {}
+        self.slots: dict[Hashable, ModelSlot] = {self.primary_key: ModelSlot(model)}
+
+    # ----------------------------------------------------------------------------- adapters
+    def slot_key(self, num_labels: int | None) -> Hashable:
+        """Which model serves an adapter whose head has ``num_labels`` classes (None: the first model)."""
+        return self.primary_key if num_labels is None else num_labels
+
+    def _slot(self, key: Hashable) -> ModelSlot:
+        if key not in self.slots:
+            model, _ = load_base_model(self.model_path, self.task, num_labels=key)
+            share_frozen_weights(self._frozen, model)
+            self.slots[key] = ModelSlot(self._place(model))
+        return self.slots[key]
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device and tell it the pad token (decoder classifiers find the last token by it)."""
+        model.to(self.device)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.pad_token_id
+        return model
+
+    def load(self, key: Hashable, folder: str, adapter_name: str) -> None:
+        """Load an adapter folder as ``adapter_name`` into the model ``key``."""
+        self._slot(key).load(folder, adapter_name)
+
+    def unload(self, key: Hashable, adapter_name: str) -> None:
+        """Unload ``adapter_name`` from the model ``key``."""
+        self.slots[key].delete(adapter_name)
+
+    # ------------------------------------------------------------------------------ batches
+    @torch.inference_mode()
+    def run(
+        self,
+        key: Hashable,
+        sequences: list[list[int]],
+        adapter_names: list[str],
+        sampling: tuple[Sampling, list[int]] | None = None,
+    ) -> list:
+        """One forward (or ``generate``) of the model ``key`` on a batch, one adapter per sample.
+
+        Args:
+            key: The model (see `slot_key`).
+            sequences: Each sample's token ids.
+            adapter_names: Each sample's adapter (``"__base__"``: none).
+            sampling: ``causal-lm`` only: ``(Sampling, [max_tokens of each sample])``.
+
+        Returns:
+            Per sample: its embedding (float32 tensor), its class probabilities (float32 tensor), or
+            ``(new token ids, ended_by_eos)`` for generation.
+        """
+        slot = self.slots[key]
+        if self.task == "causal-lm":
+            return self._generate(slot, sequences, adapter_names, *sampling)
+        ids, mask = _padded(sequences, self.pad_token_id, left=False, device=self.device)
+        out = slot.forward(adapter_names, input_ids=ids, attention_mask=mask)
+        if self.task == "seq-cls":
+            return list(out.logits.float().softmax(dim=-1).cpu())
+        return list(pool(out.last_hidden_state, mask, self.pooling).cpu())
+
+    def _generate(self, slot: ModelSlot, sequences, adapter_names, sampling: Sampling, budgets: list[int]) -> list:
+        ids, mask = _padded(sequences, self.pad_token_id, left=True, device=self.device)
+        options = {"do_sample": False}
+        if sampling.temperature > 0:
+            options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        out = slot.generate(
+            adapter_names,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(budgets),
+            pad_token_id=self.pad_token_id,
+            **options,
+        )
+        results = []
+        for row, budget in zip(out[:, ids.shape[1] :].tolist(), budgets):
+            row = row[:budget]
+            end = next((i for i, token in enumerate(row) if token in self.eos_token_ids), None)
+            results.append((row, False) if end is None else (row[:end], True))
+        return results

@@ -1,0 +1,138 @@
+"""Scaling out with Ray Serve: replicas of ``lntune serve``, with model multiplexing routing adapters.
+
+Each replica holds the base model and serves the same HTTP API as ``lntune serve`` (the same FastAPI
+app, called in process). A client names the adapter in the header ``serve_multiplexed_model_id`` (as well
+as in ``model``); Ray Serve sends the request preferably to a replica that already holds that adapter,
+and the replica's ``@serve.multiplexed`` loader loads it there on first use. Beyond
+``max_adapters_per_replica`` Ray unloads the least recently used one from the replica.
+
+Run (needs the ``ray`` extra)::
+
+    serve run lntune.serve.ray_app:app_builder adapters=/path/to/adapters num_replicas=2
+
+Every ``lntune serve`` option can be given the same way without its dashes (``max-batch-size=32``,
+``task=seq-cls``, ``model=/path/to/model``); ``num_replicas`` and ``max_adapters_per_replica`` (default 64)
+configure Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from lntune.serve.app import create_app
+from lntune.serve.errors import APIError
+from lntune.serve.service import ServingService
+
+_RAY_OPTIONS = {"num_replicas": 1, "max_adapters_per_replica": 64}
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}
+
+
+class AdapterHandle:
+    """What the multiplexed loader returns for one adapter: unloads it from the replica when Ray drops it."""
+
+    def __init__(self, service: ServingService, name: str) -> None:
+        self.service = service
+        self.name = name
+        self._released = False
+
+    def __del__(self) -> None:
+        # Ray calls this when it evicts the adapter from the replica (and the garbage collector once more).
+        if not self._released:
+            self._released = True
+            self.service.batcher.post(lambda: self.service.registry.remove(self.name))
+
+
+def service_from_options(options: dict[str, Any]) -> ServingService:
+    """A `ServingService` from ``lntune serve`` options given as ``{"max_batch_size": 32, ...}``.
+
+    Example:
+        >>> service = service_from_options({"adapters": "/path/to/adapters", "task": "feature-extraction"})
+    """
+    from lntune.cli import build_parser
+    from lntune.cli.serve import build_service
+
+    argv = ["serve"]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return build_service(build_parser().parse_args(argv))
+
+
+class LNTuneReplica:
+    """One replica: the service, its app, and the per-request routing through the multiplexed loader."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.service = service_from_options(options)
+        self.service.start()
+        transport = httpx.ASGITransport(app=create_app(self.service))
+        self.client = httpx.AsyncClient(transport=transport, base_url="http://replica", timeout=None)
+
+    async def load_adapter(self, adapter_id: str) -> AdapterHandle:
+        """Make ``adapter_id`` resident in this replica (the body of the ``@serve.multiplexed`` loader)."""
+        source = self.service.catalog.resolve(adapter_id)
+        if source is not None:
+            failures = await self.service.batcher.call(lambda: self.service.registry.prepare([source]))
+            if failures:
+                raise failures[adapter_id]
+        return AdapterHandle(self.service, adapter_id)
+
+    async def __call__(self, request: Request) -> Response:
+        adapter_id = serve.get_multiplexed_model_id()
+        if adapter_id:
+            try:
+                await self.adapter(adapter_id)
+            except APIError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+        response = await self.client.request(
+            request.method,
+            request.url.path,
+            params=request.query_params,
+            headers=[(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS],
+            content=await request.body(),
+        )
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}
+        return Response(response.content, status_code=response.status_code, headers=headers)
+
+    def __del__(self) -> None:
+        self.service.stop()
+
+
+def build_deployment(max_adapters_per_replica: int, num_replicas: int = 1):
+    """The Ray Serve deployment class, with Ray's per-replica adapter limit and replica count.
+
+    Example:
+        >>> app = build_deployment(64, num_replicas=2).bind({"adapters": "/path/to/adapters"})
+        >>> serve.run(app)
+    """
+
+    @serve.deployment(num_replicas=num_replicas)
+    class LNTuneDeployment(LNTuneReplica):
+        @serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)
+        async def adapter(self, adapter_id: str) -> AdapterHandle:
+            return await self.load_adapter(adapter_id)
+
+    return LNTuneDeployment
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The Ray Serve application for ``serve run lntune.serve.ray_app:app_builder key=value ...``.
+
+    Args:
+        args: ``lntune serve`` options without dashes (``adapters``, ``model``, ``task``, ``max-batch-size``...),
+            plus ``num_replicas`` and ``max_adapters_per_replica``.
+
+    Returns:
+        An application for ``serve.run``.
+
+    Example:
+        >>> serve.run(app_builder({"adapters": "/path/to/adapters", "max_adapters_per_replica": 8}))
+    """
+    options = {key.replace("-", "_"): value for key, value in args.items()}
+    ray_options = {key: int(options.pop(key, default)) for key, default in _RAY_OPTIONS.items()}
+    options.setdefault("max_resident", 2 * ray_options["max_adapters_per_replica"])  # Ray's limit decides
+    deployment = build_deployment(ray_options["max_adapters_per_replica"], ray_options["num_replicas"])
+    return deployment.bind(options)

@@ -1,0 +1,147 @@
+"""`AdapterRegistry`: the adapters resident in the model, as an LRU of at most ``--max-resident``.
+
+Only the worker thread uses it, between forwards. An adapter is loaded on first use under an internal
+name (``a<N>``: folder names may hold characters adapter names may not); a newer version of its folder
+is loaded beside the old one, which is unloaded only once the new one loaded (so a broken new version
+leaves the old one serving). Beyond ``--max-resident`` the least recently used adapter not needed by the
+current batch is unloaded. A failed load is remembered for that version of the files, so a broken
+adapter fails its requests at once instead of being re-read for each one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+from lntune.serve.catalog import AdapterSource
+from lntune.serve.engine import Engine
+from lntune.serve.errors import APIError, adapter_failed
+from lntune.serve.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A loaded adapter: its name in the model, the model (slot) holding it, and the source it came from."""
+
+    internal_name: str
+    key: Hashable
+    source: AdapterSource
+
+
+class AdapterRegistry:
+    """Loads, reloads and evicts adapters of one `Engine`.
+
+    Args:
+        engine: The models.
+        max_resident: Most adapters kept loaded.
+        metrics: Where loads, failures, evictions and the resident count are recorded.
+
+    Example:
+        >>> registry = AdapterRegistry(engine, max_resident=8, metrics=ServerMetrics())
+        >>> registry.prepare([catalog.resolve("a")])
+        {}
+        >>> registry.resident("a").internal_name
+        'a0'
+    """
+
+    def __init__(self, engine: Engine, max_resident: int, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.max_resident = max_resident
+        self.metrics = metrics
+        self._resident: OrderedDict[str, Resident] = OrderedDict()
+        self._failed: dict[str, tuple[int, APIError]] = {}
+        self._ids = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._resident
+
+    def resident(self, name: str) -> Resident:
+        """The loaded adapter ``name`` (after `prepare`)."""
+        return self._resident[name]
+
+    def prepare(self, sources: Iterable[AdapterSource]) -> dict[str, APIError]:
+        """Make every adapter in ``sources`` resident and most recently used, loading what is missing or stale.
+
+        Args:
+            sources: The adapters one batch needs (at most ``max_resident`` distinct names).
+
+        Returns:
+            ``{name: error}`` for the adapters that could not be loaded (their requests fail; others run).
+        """
+        needed: dict[str, AdapterSource] = {}
+        for source in sources:
+            if source.name not in needed or needed[source.name].generation < source.generation:
+                needed[source.name] = source
+        failures = {}
+        for name, source in needed.items():
+            current = self._resident.get(name)
+            if current is not None and current.source.generation >= source.generation:
+                self._resident.move_to_end(name)
+                continue
+            failed = self._failed.get(name)
+            if failed is not None and failed[0] == source.generation:
+                failures[name] = failed[1]
+                continue
+            try:
+                self.load(source, keep=needed)
+            except APIError as exc:
+                failures[name] = exc
+        return failures
+
+    def load(self, source: AdapterSource, keep: Iterable[str] = ()) -> Resident:
+        """Load ``source`` now (replacing a resident older version once the new one has loaded).
+
+        Args:
+            source: The adapter to load.
+            keep: Names not to evict to make room (the current batch's).
+
+        Raises:
+            APIError: 500 naming the file, if the adapter cannot be loaded; the registry is then unchanged.
+        """
+        current = self._resident.get(source.name)
+        if current is None:
+            self._make_room(set(keep) | {source.name})
+        internal_name, key = f"a{next(self._ids)}", self.engine.slot_key(source.num_labels)
+        try:
+            self.engine.load(key, str(source.folder), internal_name)
+        except Exception as exc:  # lntune raises CheckpointError/ValueError/OSError...; any failure is this adapter's
+            error = adapter_failed(f"Adapter '{source.name}' cannot be loaded: {exc}")
+            self._failed[source.name] = (source.generation, error)
+            self.metrics.load_failures.inc()
+            logger.warning("lntune serve: %s", error.message)
+            raise error from None
+        self._failed.pop(source.name, None)
+        if current is not None:
+            self.engine.unload(current.key, current.internal_name)
+        resident = Resident(internal_name, key, source)
+        self._resident[source.name] = resident
+        self._resident.move_to_end(source.name)
+        self.metrics.loads.inc()
+        self.metrics.resident.set(len(self._resident))
+        return resident
+
+    def remove(self, name: str) -> bool:
+        """Unload ``name`` if it is resident; returns whether it was."""
+        self._failed.pop(name, None)
+        current = self._resident.pop(name, None)
+        if current is not None:
+            self.engine.unload(current.key, current.internal_name)
+            self.metrics.resident.set(len(self._resident))
+        return current is not None
+
+    def _make_room(self, keep: set[str]) -> None:
+        """Evict least recently used adapters (not in ``keep``) until one more fits."""
+        while len(self._resident) >= self.max_resident:
+            victim = next((n for n in self._resident if n not in keep), None)
+            if victim is None:
+                return
+            self.remove(victim)
+            self.metrics.evictions.inc()

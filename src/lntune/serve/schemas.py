@@ -1,0 +1,139 @@
+"""Request and response bodies (pydantic): OpenAI's shapes, and vLLM's for ``/v1/classify``.
+
+Requests are strict (a number where text belongs is refused, not converted); unknown fields are ignored,
+as OpenAI's clients send some that do not apply here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class EmbeddingRequest(_Request):
+    """``POST /v1/embeddings``: OpenAI's request (token-id inputs are not supported)."""
+
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class ClassifyRequest(_Request):
+    """``POST /v1/classify``: vLLM's request."""
+
+    model: str
+    input: str | list[str]
+    user: str | None = None
+
+
+class CompletionRequest(_Request):
+    """``POST /v1/completions``: OpenAI's request; options this server does not have are refused when set."""
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = 16
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    stop: str | list[str] | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    seed: int | None = None
+    suffix: str | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class AdapterLoadRequest(_Request):
+    """``POST /v1/adapters``: load (or replace) adapter ``name`` from ``path`` inside ``--adapters``."""
+
+    name: str = Field(min_length=1, max_length=255)
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ClassifyData(BaseModel):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassifyData]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lntune"
+    root: str
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AdapterStatus(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    path: str | None = None
+    resident: bool

