@@ -178,6 +178,8 @@ def bench_model(title: str, build, levels: list[int], args) -> None:
         for n, p in libraries["lntune"].model.named_parameters()
         if ".ln_tuning_layers.a0." in n or ".modules_to_save.a0." in n
     )
+    # Warm-up: the first adds allocate what every later one reuses (allocator arenas, lazy imports).
+    libraries["lntune"].operations(folder)
     rows = []
     for level in levels:
         if "PEFT" in libraries and level > args.peft_max:
