@@ -25,9 +25,11 @@ python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute, sy
 version=$("$python" -c 'import lntune.config; print(lntune.config.PEFT_FORMAT_VERSION)')
 cache=${LNTUNE_PEFT_CONFORMANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lntune-peft-conformance}/peft-$version
 # PEFT itself at the pinned version (its tests must run against the PEFT they belong to, whatever the venv has),
-# and the test-only imports of its test files that lntune[test] does not install (diffusers and what it imports).
+# and the test-only imports of its test files that lntune[test] does not install (diffusers, datasets and what
+# they import beyond lntune[test]).
 extras="peft==$version diffusers==0.42.1 parameterized==0.9.0 requests==2.34.2 urllib3==2.8.0 idna==3.20
-  certifi==2026.10.19.post1 charset-normalizer==3.5.3 importlib-metadata==10.2.0 zipp==4.1.2"
+  certifi==2026.10.19.post1 charset-normalizer==3.5.3 importlib-metadata==10.2.0 zipp==4.1.2
+  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==26.0.1 pandas==3.1.1 xxhash==4.1.0"
 
 if [ ! -f "$cache/suite/tests/testing_common.py" ]; then
   rm -rf "$cache/sdist" "$cache/suite"
@@ -38,11 +40,11 @@ if [ ! -f "$cache/suite/tests/testing_common.py" ]; then
   touch "$cache/suite/tests/__init__.py"  # the test files import each other as the package `tests`
   printf '[pytest]\n' >"$cache/suite/pytest.ini"  # PEFT's own pytest settings (coverage...) do not apply
 fi
-if [ ! -f "$cache/extra.done" ]; then
+if [ "$(cat "$cache/extra.done" 2>/dev/null)" != "$extras" ]; then
   rm -rf "$cache/extra"
   # shellcheck disable=SC2086  # one word per requirement
   "$python" -m pip install --quiet --no-deps --target "$cache/extra" $extras
-  touch "$cache/extra.done"
+  printf '%s' "$extras" >"$cache/extra.done"  # a changed list reinstalls
 fi
 
 run_xml="$cache/$target.xml"
