@@ -138,7 +138,8 @@ class Library:
             out["load"] = timed(lambda i: self.model.load_adapter(folder, adapter_name=f"tmp{i}"))
             for i in range(5):
                 self.model.delete_adapter(f"tmp{i}")
-        picks = random.Random(self.count).sample(range(self.count), 5)
+        rng = random.Random(self.count)
+        picks = [rng.randrange(self.count) for _ in range(5)]
         out["set"] = timed(lambda i: self.model.set_adapter(f"a{picks[i]}"))
         self.model.set_adapter("a0")
         return out

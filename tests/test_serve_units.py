@@ -118,6 +118,55 @@ def test_models_for_other_head_sizes_share_the_frozen_weights(adapters):
     assert second.classifier.original_module.weight.shape[0] == 3 and first.classifier.weight.shape[0] == 2
 
 
+def _bucket_cost(lengths, buckets, overhead):
+    return sum(overhead + len(b) * max(lengths[i] for i in b) for b in buckets)
+
+
+def _partitions(items):
+    """Every way to cut ``items`` (sorted) into contiguous runs."""
+    if not items:
+        yield []
+        return
+    for cut in range(1, len(items) + 1):
+        for rest in _partitions(items[cut:]):
+            yield [items[:cut], *rest]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_buckets_are_a_partition_with_the_least_padded_cost(seed):
+    from lntune.serve.buckets import length_buckets
+
+    rng = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 80, (int(torch.randint(1, 9, (1,), generator=rng)),), generator=rng).tolist()
+    overhead = [0, 16, 64, 10**6][seed % 4]
+    buckets = length_buckets(lengths, overhead)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    least = min(_bucket_cost(lengths, p, overhead) for p in _partitions(order))
+    assert _bucket_cost(lengths, buckets, overhead) == least
+    if overhead == 10**6:
+        assert len(buckets) == 1
+    assert length_buckets([], 64) == []
+
+
+def test_bucketed_forwards_equal_one_padded_forward_in_the_callers_order(adapters):
+    from lntune.serve.engine import Engine
+
+    engine = Engine(str(adapters.parent / "tiny-bert"), "seq-cls", pad_token_id=0, overhead_tokens=0)
+    engine.load(2, str(adapters / "two"), "two")
+    engine.load(2, str(adapters / "other"), "other")
+    rng = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(5, 90, (n,), generator=rng).tolist() for n in [30, 3, 17, 4, 29, 2, 16]]
+    names = ["two", "other", "__base__", "two", "other", "two", "__base__"]
+    split = engine.run(2, sequences, names)
+    engine.overhead_tokens = 10**9  # one forward for the whole batch
+    whole = engine.run(2, sequences, names)
+    assert len(split) == len(sequences)
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(split[0], split[1])  # different inputs and adapters: a wrong order would show
+
+
 def test_task_base_model_and_max_length_defaults(adapters, tmp_path):
     assert infer_task(adapters, MINILM) == "seq-cls"  # from lntune_run.json
     assert recorded_base_model(adapters) is None  # make_adapters records no base_model

@@ -2,8 +2,9 @@
 
 Only the worker thread calls an engine. Every adapter lives in one lntune `PeftModel`
 (`PeftModel.from_pretrained` for the first, `load_adapter` after it, `delete_adapter` to unload) and each
-batch is one mixed forward ``model(**batch, adapter_names=[...])`` (``"__base__"``: no adapter) or one
-``generate(..., adapter_names=[...])``.
+batch is one ``generate(..., adapter_names=[...])`` or, for encoder tasks, one mixed forward
+``model(**batch, adapter_names=[...])`` (``"__base__"``: no adapter) per length bucket (`length_buckets`:
+inputs of similar lengths share a forward, whatever their adapters).
 
 Sequence classification: adapters whose heads have a different number of classes cannot share a head
 module, so each head size gets its own model (made on first use). Its frozen weights are the first
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from lntune import PeftModel
+from lntune.serve.buckets import default_overhead_tokens, length_buckets
 from lntune.serve.pooling import Pooling, pool
 
 _HEAD_MODULES = ("classifier", "score")
@@ -129,6 +131,8 @@ class Engine:
         pad_token_id: The tokenizer's pad token.
         eos_token_ids: Tokens that end a generated sequence (``causal-lm``), besides the model's own.
         pooling: How embeddings are pooled (``feature-extraction``).
+        overhead_tokens: The cost of one more forward in tokens, for length bucketing (default: by
+            device, see `lntune.serve.buckets`).
 
     Example:
         >>> engine = Engine("path/to/minilm", "feature-extraction", pad_token_id=0)
@@ -143,6 +147,7 @@ class Engine:
         pad_token_id: int,
         eos_token_ids: Sequence[int] = (),
         pooling: Pooling | None = None,
+        overhead_tokens: int | None = None,
     ) -> None:
         self.model_path = model_path
         self.task = task
@@ -150,6 +155,7 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.pooling = pooling or Pooling()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.overhead_tokens = default_overhead_tokens(self.device) if overhead_tokens is None else overhead_tokens
         model, self.base_has_head = load_base_model(model_path, task)
         self._place(model)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -195,7 +201,7 @@ class Engine:
         adapter_names: list[str],
         sampling: tuple[Sampling, list[int]] | None = None,
     ) -> list:
-        """One forward (or ``generate``) of the model ``key`` on a batch, one adapter per sample.
+        """The forwards (or the ``generate``) of the model ``key`` on a batch, one adapter per sample.
 
         Args:
             key: The model (see `slot_key`).
@@ -210,11 +216,17 @@ class Engine:
         slot = self.slots[key]
         if self.task == "causal-lm":
             return self._generate(slot, sequences, adapter_names, *sampling)
-        ids, mask = _padded(sequences, self.pad_token_id, left=False, device=self.device)
-        out = slot.forward(adapter_names, input_ids=ids, attention_mask=mask)
-        if self.task == "seq-cls":
-            return list(out.logits.float().softmax(dim=-1).cpu())
-        return list(pool(out.last_hidden_state, mask, self.pooling).cpu())
+        results: list = [None] * len(sequences)
+        for bucket in length_buckets([len(s) for s in sequences], self.overhead_tokens):
+            ids, mask = _padded([sequences[i] for i in bucket], self.pad_token_id, left=False, device=self.device)
+            out = slot.forward([adapter_names[i] for i in bucket], input_ids=ids, attention_mask=mask)
+            if self.task == "seq-cls":
+                rows = out.logits.float().softmax(dim=-1).cpu()
+            else:
+                rows = pool(out.last_hidden_state, mask, self.pooling).cpu()
+            for i, row in zip(bucket, rows):
+                results[i] = row
+        return results
 
     def _generate(self, slot: ModelSlot, sequences, adapter_names, sampling: Sampling, budgets: list[int]) -> list:
         ids, mask = _padded(sequences, self.pad_token_id, left=True, device=self.device)
