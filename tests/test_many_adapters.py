@@ -14,7 +14,7 @@ import torch
 from conftest import make_inputs, make_tiny_model
 
 import lntune.modules_to_save
-from lntune import LNTuningConfig, PeftModel, TaskType, get_peft_model
+from lntune import LNTuningConfig, PeftModel, TaskType, get_peft_model, mixed_batch
 
 
 def count_calls(fn) -> int:
@@ -122,8 +122,11 @@ NORMS = {"LayerNorm": lambda: torch.nn.LayerNorm(6), "RMSNorm": lambda: torch.nn
 
 @pytest.mark.parametrize("norm", sorted(NORMS))
 @pytest.mark.parametrize("bias", [True, False])
-def test_per_sample_norms_and_heads_match_and_train_each_adapter(norm, bias, perturb):
-    """torch's norms and a Linear head: outputs equal each sample alone; gradients reach each sample's adapter."""
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_per_sample_norms_and_heads_match_and_train_each_adapter(norm, bias, no_grad, perturb):
+    """torch's norms and a Linear head: outputs equal each sample alone (without autograd the norm's affine
+    runs in place); gradients reach each sample's adapter, also after an inference-mode forward."""
+    mixed_batch.unit_affine.cache_clear()  # the first forward makes the identity affine the training one uses
     torch.manual_seed(0)
     model = torch.nn.Sequential(NORMS[norm](), torch.nn.Linear(6, 3, bias=bias))
     config = dict(target_modules=["0"], modules_to_save=["1"])
@@ -135,13 +138,13 @@ def test_per_sample_norms_and_heads_match_and_train_each_adapter(norm, bias, per
     peft_model.set_requires_grad(["a", "b"], True)
     x = torch.randn(4, 5, 6)
     names = ["a", "b", "b", "a"]
-    with torch.no_grad():
+    with no_grad():
         mixed_out = peft_model(x, adapter_names=names)
         for i, name in enumerate(names):
             peft_model.set_adapter(name)
             torch.testing.assert_close(mixed_out[i : i + 1], peft_model(x[i : i + 1]), atol=1e-5, rtol=0)
     peft_model.set_requires_grad(["a", "b"], True)
-    peft_model(x, adapter_names=names).pow(2).sum().backward()
+    peft_model(x.clone().requires_grad_(), adapter_names=names).pow(2).sum().backward()  # the norm saves its affine
     mixed = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
     peft_model.zero_grad()
     for name in ("a", "b"):
