@@ -316,7 +316,7 @@ def test_api_key_required(embedding):
 N_REQUESTS, N_CLIENTS = 2000, 32
 
 
-def test_load_2000_requests_32_clients_200_adapters(embedding):
+def test_load_2000_requests_32_clients_500_adapters(embedding):
     """Bounded load: every answer equals the in-process result for its adapter and input, none fails."""
     server, reference, names = embedding
     rng = random.Random(0)
