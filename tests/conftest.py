@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -11,6 +14,18 @@ from torch import nn
 torch.set_num_threads(1)
 
 VOCAB = 64
+
+
+def communicate_or_kill(process: subprocess.Popen, timeout: float, what: str) -> tuple[str, str | None]:
+    """``process.communicate()`` within ``timeout`` s; past it, kill the process's whole group (it must have
+    been started with ``start_new_session=True``, so that its children die too) and fail the test with the
+    end of its output."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{what} did not finish within {timeout} s:\n{(stderr or stdout or '')[-5000:]}")
 
 
 class MLPLayerNorm(nn.Module):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import communicate_or_kill
 from test_serve import tiny_model
 
 from lntune import LNTuningLayer, PeftModel
@@ -217,12 +217,7 @@ def test_torchrun_two_processes(files, tmp_path):
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish within 240 s:\n{stderr[-3000:]}")
+    stdout, stderr = communicate_or_kill(proc, 240, "torchrun")
     assert proc.returncode == 0, stderr[-3000:]
     log = stdout + stderr
     assert log.count("held-out accuracy") == 1  # rank 0 only

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import communicate_or_kill
 from test_serve import ATOL, TEXTS, Reference, free_port, make_adapters, tiny_model
 
 pytest.importorskip("ray.serve", reason="the ray extra (pip install 'lntune[ray]') is not installed")
@@ -69,12 +69,7 @@ def test_ray_serve_multiplexed_deployment(tmp_path):
         start_new_session=True,
         text=True,
     )
-    try:
-        output, _ = process.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the Ray driver did not finish in 400 s:\n{output[-5000:]}")
+    output, _ = communicate_or_kill(process, 400, "the Ray driver")
     answers = next((line for line in output.splitlines() if line.startswith("ANSWERS ")), None)
     assert process.returncode == 0 and answers, output[-5000:]
     for (name, text), (status, body) in zip(jobs, json.loads(answers[len("ANSWERS ") :])):
