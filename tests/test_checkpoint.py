@@ -12,6 +12,7 @@ from conftest import make_inputs, make_tiny_model, model_output
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import lntune.atomic as atomic
 import lntune.checkpoint.files as checkpoint_files
 from lntune import (
     LNTuningConfig,
@@ -335,10 +336,10 @@ def test_atomic_write_bytes_keeps_permissions(tmp_path):
     old_umask = os.umask(0o022)
     try:
         path = tmp_path / "f.json"
-        checkpoint_files.atomic_write_bytes(path, b"1")
+        atomic.atomic_write_bytes(path, b"1")
         assert os.stat(path).st_mode & 0o777 == 0o644
         os.chmod(path, 0o600)
-        checkpoint_files.atomic_write_bytes(path, b"2")
+        atomic.atomic_write_bytes(path, b"2")
         assert os.stat(path).st_mode & 0o777 == 0o600 and path.read_bytes() == b"2"
     finally:
         os.umask(old_umask)

@@ -11,13 +11,8 @@ import torch
 from torch import nn
 
 from lntune.checkpoint import IncompatibleKeys
+from lntune.model import tuner_of
 from lntune.wrapper import AdapterWrapper, named_wrappers
-
-
-def _wrapped_model(model: nn.Module) -> nn.Module:
-    from lntune.peft_model import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _wrappers(root: nn.Module) -> dict[str, AdapterWrapper]:
@@ -45,7 +40,8 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         >>> set(get_base_model_state_dict(peft_model)) == set(fresh_base_model.state_dict())
         True
     """
-    root = _wrapped_model(model)
+    tuner = tuner_of(model)
+    root = model if tuner is None else tuner.model
     wrappers = _wrappers(root)
     prefixes = tuple(f"{name}." for name in wrappers)
     state: dict[str, torch.Tensor] = {}
@@ -96,7 +92,8 @@ def set_base_model_state_dict(
     if errors:
         details = "\n\t".join(errors)
         raise RuntimeError(f"Error(s) in loading the base model's state_dict (nothing was loaded):\n\t{details}")
-    root = _wrapped_model(model)
+    tuner = tuner_of(model)
+    root = model if tuner is None else tuner.model
     wrappers = _wrappers(root)
     prefixes = tuple(f"{name}." for name in wrappers)
     parts: dict[str | None, dict[str, torch.Tensor]] = {}

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from lntune.atomic import atomic_write_bytes
+
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "LN_TUNING"
 # The PEFT release whose adapter_config.json / weights format lntune writes (and whose own test suite
@@ -153,8 +155,6 @@ class LNTuningConfig:
         The file holds `to_dict` as it is, as PEFT's config does (`PeftModel.save_pretrained` writes
         ``"inference_mode": true`` for the adapters it saves).
         """
-        from lntune.checkpoint import atomic_write_bytes
-
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode("utf-8"))
 

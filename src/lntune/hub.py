@@ -7,12 +7,16 @@ the Hub refuses or cannot be reached, `push_adapter_to_hub` raises with a one-li
 from __future__ import annotations
 
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
-    from lntune.peft_model import PeftModel
+
+class SavesAdapters(Protocol):
+    """What `push_adapter_to_hub` needs of a model: `PeftModel.save_pretrained`."""
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None: ...
 
 
 class HubUploadError(OSError):
@@ -20,7 +24,7 @@ class HubUploadError(OSError):
 
 
 def push_adapter_to_hub(
-    model: PeftModel,
+    model: SavesAdapters,
     repo_id: str,
     commit_message: str | None = None,
     commit_description: str | None = None,

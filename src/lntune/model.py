@@ -598,6 +598,26 @@ class LNTuningModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
 
+def tuner_of(model: nn.Module) -> LNTuningModel | None:
+    """The `LNTuningModel` that manages ``model``'s adapters, whatever lntune object ``model`` is.
+
+    Args:
+        model: A `PeftModel` (its tuner is its ``base_model``), an `LNTuningModel` (itself), or any other
+            module, such as a model given to ``inject_adapter_in_model`` (no tuner: None).
+
+    Returns:
+        The tuner, or None.
+
+    Example:
+        >>> tuner_of(get_peft_model(model, LNTuningConfig())).targeted_module_names[:1]
+        ['model.layers.0.input_layernorm']
+    """
+    if isinstance(model, LNTuningModel):
+        return model
+    held = model._modules.get("base_model") if isinstance(model, nn.Module) else None
+    return held if isinstance(held, LNTuningModel) else None
+
+
 def _base_parameters(root: nn.Module) -> Iterator[nn.Parameter]:
     """The parameters of ``root`` outside adapter copies (a wrapper contributes its original module's)."""
     for _, module in walk_modules(root):

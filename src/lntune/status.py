@@ -14,6 +14,7 @@ from typing import Literal
 
 from torch import nn
 
+from lntune.model import tuner_of
 from lntune.wrapper import AdapterWrapper, named_wrappers
 
 Irregular = Literal["irregular"]
@@ -91,12 +92,6 @@ def _agreement(values: Iterable) -> bool | Irregular:
     return "irregular"
 
 
-def _tuner_root(model: nn.Module) -> nn.Module:
-    from lntune.peft_model import PeftModel
-
-    return model.base_model if isinstance(model, PeftModel) else model
-
-
 def _layer_status(name: str, module: AdapterWrapper) -> TunerLayerStatus:
     adapters = sorted(module._all_available_adapter_names())
     tuned = {adapter: list(module.tuned_module(adapter).parameters()) for adapter in adapters}
@@ -129,7 +124,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         >>> [s.name for s in get_layer_status(peft_model)]
         ['model.model.layers.0.input_layernorm', ...]
     """
-    root = _tuner_root(model)
+    root = tuner_of(model) or model
     statuses = [_layer_status(name, module) for name, module in named_wrappers(root)]
     if not statuses:
         raise ValueError(
@@ -156,13 +151,12 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         >>> status.active_adapters, status.merged_adapters, status.requires_grad
         (['default'], [], {'default': True})
     """
-    from lntune.peft_model import PeftModel
-
     layers = get_layer_status(model)
-    if isinstance(model, PeftModel):
-        base_model_type = type(model.get_base_model()).__name__
-        adapter_model_type = type(model.base_model).__name__
-        peft_types = {name: str(config.peft_type) for name, config in model.peft_config.items()}
+    tuner = tuner_of(model)
+    if tuner is not None and tuner is not model:  # a PeftModel
+        base_model_type = type(tuner.model).__name__
+        adapter_model_type = type(tuner).__name__
+        peft_types = {name: str(config.peft_type) for name, config in tuner.peft_config.items()}
     else:
         base_model_type, adapter_model_type, peft_types = type(model).__name__, "None", {}
     params = list(model.parameters())

@@ -1,7 +1,7 @@
 """Adapter files: safetensors/bin serialization, reading with checks, and atomic writes.
 
-Writing goes through `atomic_write_bytes` (a temporary file in the same folder, then a rename), so a
-failed or interrupted save never damages the previous files. Reading accepts safetensors, or a
+Writing goes through `lntune.atomic.atomic_write_bytes` (a temporary file in the same folder, then a
+rename), so a failed or interrupted save never damages the previous files. Reading accepts safetensors, or a
 ``.bin`` loaded with ``torch.load(weights_only=True)`` only, and names the file in every error.
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
+
+from lntune.atomic import atomic_write_bytes
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -22,47 +23,6 @@ WEIGHTS_NAME = "adapter_model.bin"
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model (or cannot be read); raised before anything is changed."""
-
-
-# ------------------------------------------------------------------------------------ writing
-def _new_file_mode(path: str) -> int:
-    """The permissions ``open(path, "w")`` would give: the old file's, else ``0o666`` minus the umask."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    An interrupted or failed write leaves any previous file at ``path`` byte-identical and no temporary
-    file behind. The new file gets the permissions a plain ``open(path, "w")`` would give.
-
-    Args:
-        path: The file to (over)write; its folder must exist.
-        data: The complete new contents.
-
-    Example:
-        >>> atomic_write_bytes("out/adapter_config.json", b"{}")
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    mode = _new_file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def serialize_adapter_weights(
