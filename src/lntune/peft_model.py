@@ -7,16 +7,16 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
+from lntune.atomic import atomic_write_bytes
 from lntune.checkpoint import (
     CheckpointError,
     IncompatibleKeys,
     adapter_weights_path,
-    atomic_write_bytes,
     fill_adapter,
     get_peft_model_state_dict,
     read_adapter_weights,
@@ -27,12 +27,11 @@ from lntune.config import CONFIG_NAME, LNTuningConfig, TaskType
 from lntune.hub import push_adapter_to_hub
 from lntune.mixed_batch import check_batch_size
 from lntune.model import NOT_IN_LNTUNE, LNTuningModel, restore_on_error
+from lntune.tasks import TASKS, Task
 from lntune.wrapper import AdapterWrapper
 
 if TYPE_CHECKING:
     from lntune.status import TunerLayerStatus, TunerModelStatus
-
-_CLASSIFIER_MODULES = ["classifier", "score"]
 
 
 def _base_model_id(model: nn.Module) -> str | None:
@@ -549,8 +548,15 @@ def _naming_folder(folder: str, adapter_name: str, config_source: str):
         ) from None
 
 
-class PeftModelForCausalLM(PeftModel):
-    """`PeftModel` for ``TaskType.CAUSAL_LM``; ``forward`` names the arguments Trainer looks for."""
+class _TaskPeftModel(PeftModel):
+    """Base of the task variants: the task's head modules join ``modules_to_save``, and ``forward`` names the
+    arguments Trainer looks for (``input_ids``, ``attention_mask``, ``inputs_embeds``, ``labels``)."""
+
+    #: The variant's row of the task table (`lntune.tasks`).
+    task: ClassVar[Task]
+
+    def _prepare_config(self, config: LNTuningConfig) -> None:
+        self._add_modules_to_save(config, self.task.head_modules)
 
     def forward(
         self,
@@ -565,44 +571,60 @@ class PeftModelForCausalLM(PeftModel):
         named.update({k: v for k, v in {"labels": labels}.items() if v is not None})
         return super().forward(adapter_names=adapter_names, **named, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        """The base model's ``prepare_inputs_for_generation`` (PEFT's only differs for prompt learning)."""
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+def _prepare_inputs_for_generation(self, *args, **kwargs):
+    """The base model's ``prepare_inputs_for_generation`` (PEFT's only differs for prompt learning)."""
+    return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
-class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+class PeftModelForCausalLM(_TaskPeftModel):
+    """`PeftModel` for ``TaskType.CAUSAL_LM``."""
+
+    task = TASKS["causal-lm"]
+    prepare_inputs_for_generation = _prepare_inputs_for_generation
+
+
+class PeftModelForSeq2SeqLM(_TaskPeftModel):
     """`PeftModel` for ``TaskType.SEQ_2_SEQ_LM``."""
 
+    task = TASKS["seq2seq-lm"]
+    prepare_inputs_for_generation = _prepare_inputs_for_generation
 
-class PeftModelForFeatureExtraction(PeftModelForCausalLM):
+
+class PeftModelForFeatureExtraction(_TaskPeftModel):
     """`PeftModel` for ``TaskType.FEATURE_EXTRACTION``."""
 
+    task = TASKS["feature-extraction"]
 
-class PeftModelForSequenceClassification(PeftModelForCausalLM):
+
+class PeftModelForSequenceClassification(_TaskPeftModel):
     """`PeftModel` for ``TaskType.SEQ_CLS``: the ``classifier``/``score`` head is trained in full."""
 
-    def _prepare_config(self, config: LNTuningConfig) -> None:
-        self._add_modules_to_save(config, _CLASSIFIER_MODULES)
+    task = TASKS["seq-cls"]
 
 
-class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+class PeftModelForTokenClassification(_TaskPeftModel):
     """`PeftModel` for ``TaskType.TOKEN_CLS``: the ``classifier``/``score`` head is trained in full."""
 
+    task = TASKS["token-cls"]
 
-class PeftModelForQuestionAnswering(PeftModelForCausalLM):
+
+class PeftModelForQuestionAnswering(_TaskPeftModel):
     """`PeftModel` for ``TaskType.QUESTION_ANS``: the ``qa_outputs`` head is trained in full."""
 
-    def _prepare_config(self, config: LNTuningConfig) -> None:
-        self._add_modules_to_save(config, ["qa_outputs"])
+    task = TASKS["question-ans"]
 
 
 MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
-    TaskType.CAUSAL_LM: PeftModelForCausalLM,
-    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
-    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
-    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
-    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
-    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+    cls.task.task_type: cls
+    for cls in (
+        PeftModelForCausalLM,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
+        PeftModelForQuestionAnswering,
+        PeftModelForFeatureExtraction,
+    )
 }
 
 
