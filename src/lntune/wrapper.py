@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_globals
 
+from lntune.fast_call import direct_call_allowed
 from lntune.mixed_batch import BatchAdapters
 from lntune.precision import LOW_PRECISION, float_dtype, runner, upcast_parameters
 
@@ -231,30 +231,12 @@ class AdapterWrapper(nn.Module):
 
     def __call__(self, *args, **kwargs):
         # The selected module's forward, called directly: one Python call instead of nn.Module.__call__
-        # twice (the wrapper's, then the module's). Only when nothing would observe the difference: no
-        # hook on the wrapper, on that module or global, no compiled call, no TorchScript tracing.
-        # Otherwise nn.Module's own path runs, hooks and all.
+        # twice (the wrapper's, then the module's). Only when nothing would observe the difference (see
+        # lntune.fast_call); otherwise nn.Module's own path runs, hooks and all.
         module = self._direct
-        if (
-            module is None
-            or self._forward_hooks
-            or self._forward_pre_hooks
-            or self._backward_hooks
-            or self._backward_pre_hooks
-            or module._forward_hooks
-            or module._forward_pre_hooks
-            or module._backward_hooks
-            or module._backward_pre_hooks
-            or self._compiled_call_impl is not None
-            or module._compiled_call_impl is not None
-            or _module_globals._global_forward_hooks
-            or _module_globals._global_forward_pre_hooks
-            or _module_globals._global_backward_hooks
-            or _module_globals._global_backward_pre_hooks
-            or torch._C._get_tracing_state()
-        ):
-            return self._wrapped_call_impl(*args, **kwargs)
-        return module.forward(*args, **kwargs)
+        if module is not None and direct_call_allowed(self, module):
+            return module.forward(*args, **kwargs)
+        return nn.Module.__call__(self, *args, **kwargs)
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
