@@ -40,7 +40,7 @@ def _alone(model: PeftModel, name: str, run, *args, **kwargs):
 def _assert_rows_match(model: PeftModel, kind: str, names=NAMES) -> None:
     inputs = make_inputs(kind, batch=len(names))
     with torch.no_grad():
-        # The first call checks the broadcast path of custom norms against the grouped one; the second uses it.
+        # Two calls: the first decides the path of each norm class (once per class), the second reuses it.
         first = model_output(model, {**inputs, "adapter_names": names})
         mixed = model_output(model, {**inputs, "adapter_names": names})
         for i, name in enumerate(names):
@@ -54,8 +54,8 @@ def test_each_sample_runs_its_own_adapter(kind, perturb):
     model = _two_adapters(kind, perturb)
     _assert_rows_match(model, kind)
     assert all(m._batch_adapters is None for _, m in model.base_model.tuner_modules())
-    if kind in ("llama", "t5"):  # LlamaRMSNorm / T5LayerNorm: per-sample weights broadcast in one call
-        assert all(layer._broadcast_ok for layer in model.modules() if isinstance(layer, LNTuningLayer))
+    # Every norm of these models (LlamaRMSNorm and T5LayerNorm included) applies per-sample weights in one call.
+    assert all(layer.mixed_batch_path == "per-sample" for layer in model.modules() if isinstance(layer, LNTuningLayer))
 
 
 def test_linear_target_and_modules_to_save_use_the_grouped_path(perturb):
@@ -74,8 +74,6 @@ def test_gradients_of_a_mixed_batch_are_the_sums_of_per_adapter_gradients(pertur
 
     params = {n: p for n, p in model.named_parameters() if "ln_tuning_layers" in n}
     model.set_requires_grad(["a", "b"], True)
-    with torch.no_grad():
-        loss_of(inputs, adapter_names=NAMES)  # first call: verifies the broadcast path (see above)
     loss_of(inputs, adapter_names=NAMES).backward()
     mixed = {n: p.grad.clone() for n, p in params.items()}
     assert all(g.abs().sum() > 0 for g in mixed.values())
@@ -139,3 +137,40 @@ def test_training_a_mixed_batch_with_gradient_checkpointing_is_refused(perturb):
     model.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(**inputs, adapter_names=NAMES)
+
+
+class FlatWeightNorm(torch.nn.Module):
+    """A norm whose forward cannot take per-sample weights (F.layer_norm wants one weight of the normalised shape)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(size))
+        self.bias = torch.nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias)
+
+
+def test_a_norm_class_that_cannot_take_per_sample_weights_runs_grouped_with_one_warning(perturb):
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), FlatWeightNorm(8), torch.nn.Linear(8, 3), FlatWeightNorm(3))
+    model = get_peft_model(net, LNTuningConfig(target_modules=["1", "3"]), adapter_name="a")
+    model.add_adapter("b", LNTuningConfig(target_modules=["1", "3"]))
+    for seed, name in enumerate(["b", "a"]):
+        model.set_adapter(name)
+        perturb(model, scale=0.3, seed=seed + 1)
+    x = torch.randn(4, 6)
+    with pytest.warns(UserWarning, match="FlatWeightNorm does not compute per-sample weights") as record:
+        mixed = model(x, adapter_names=NAMES)
+    assert sum("FlatWeightNorm" in str(w.message) for w in record) == 1  # once per class, not per layer or call
+    layers = [m for m in model.modules() if isinstance(m, LNTuningLayer)]
+    assert [layer.mixed_batch_path for layer in layers] == ["grouped", "grouped"]
+    for i, name in enumerate(NAMES):
+        torch.testing.assert_close(mixed[i : i + 1], _alone(model, name, model, x[i : i + 1]), atol=1e-6, rtol=0)
+
+
+def test_the_path_follows_the_class_not_the_dtype_or_the_batch(perturb):
+    model = _two_adapters("llama", perturb).to(torch.bfloat16)
+    inputs = make_inputs("llama", batch=len(NAMES))
+    with torch.no_grad():
+        model(**inputs, adapter_names=NAMES)  # bf16 rounding never moves a class to the grouped path
+    assert {m.mixed_batch_path for m in model.modules() if isinstance(m, LNTuningLayer)} == {"per-sample"}

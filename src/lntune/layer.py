@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from lntune.mixed_batch import (
     BatchAdapters,
-    affine_parameter_shape,
+    affine_parameters,
+    broadcasts_per_sample,
     first_tensor,
     grouped_forward,
-    is_exact_norm,
+    per_sample_affine,
     per_sample_norm,
 )
 from lntune.wrapper import AdapterWrapper
@@ -40,10 +40,6 @@ class LNTuningLayer(AdapterWrapper):
 
     adapter_layer_names = ("ln_tuning_layers",)
     _base_slot = "base_layer"
-
-    #: Whether per-sample parameters broadcast correctly through this norm's own forward: None until the
-    #: first mixed batch checks it against the grouped path (reset by `_refresh`, when modules or dtypes change).
-    _broadcast_ok: bool | None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
         super().__init__(base_layer, adapter_name)
@@ -90,9 +86,15 @@ class LNTuningLayer(AdapterWrapper):
             return None
         return self.module_for(self._active_adapter[0]) if self._active_adapter else self.base_layer
 
-    def _refresh(self) -> None:
-        self._broadcast_ok = None
-        super()._refresh()
+    @property
+    def mixed_batch_path(self) -> str:
+        """How a mixed-adapter batch runs this module: ``"per-sample"`` (normalised once, each sample's own
+        weight and bias applied: norms) or ``"grouped"`` (run once per adapter of the batch, on its samples).
+
+        Decided from the module's class (`lntune.mixed_batch.broadcasts_per_sample`), never from a batch.
+        """
+        module = self.original_module
+        return "per-sample" if affine_parameters(module) and broadcasts_per_sample(module) else "grouped"
 
     def _mixed_forward(self, batch: BatchAdapters, *args, **kwargs):
         modules = batch.modules_of(self)
@@ -100,27 +102,13 @@ class LNTuningLayer(AdapterWrapper):
             return self.runner_for(modules[0])(*args, **kwargs)
         x = first_tensor(args, kwargs)
         index = batch.index_for(x)
-        affine = affine_parameter_shape(self.original_module, x) if self._broadcast_ok is not False else None
+        affine = per_sample_affine(self.original_module, args, kwargs)
         if affine is None:
             return grouped_forward([self.runner_for(m) for m in modules], index, args, kwargs)
         names, shape = affine
         view = (x.shape[0],) + (1,) * (x.dim() - 1 - len(shape)) + shape
         params = batch.per_sample_parameters(self, modules, dict.fromkeys(names, view), index, self.compute_dtype)
-        if self._broadcast_ok or is_exact_norm(self.original_module, args, kwargs):
-            return per_sample_norm(self.original_module, params, args, kwargs)
-        # A norm of another library: check once that its forward broadcasts per-sample parameters like
-        # the grouped path (always correct) computes it, then keep whichever path is right.
-        grouped = grouped_forward([self.runner_for(m) for m in modules], index, args, kwargs)
-        try:
-            out = per_sample_norm(self.original_module, params, args, kwargs)
-            self._broadcast_ok = (
-                isinstance(out, torch.Tensor)
-                and out.shape == grouped.shape
-                and torch.allclose(out.float(), grouped.float(), rtol=1e-3, atol=1e-5)
-            )
-        except (RuntimeError, ValueError, AttributeError):
-            self._broadcast_ok = False
-        return grouped
+        return per_sample_norm(self.original_module, params, args, kwargs)
 
     def __repr__(self) -> str:
         return "ln_tuning." + super().__repr__()

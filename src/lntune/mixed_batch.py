@@ -20,6 +20,8 @@ each wrapper's modules, row indices and, without autograd, the gathered per-samp
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -149,14 +151,14 @@ def check_batch_size(adapter_names: Sequence[str] | None, args: tuple, kwargs: d
         )
 
 
-def affine_parameter_shape(module: nn.Module, x: torch.Tensor) -> tuple[list[str], tuple[int, ...]] | None:
+def affine_parameters(module: nn.Module) -> tuple[list[str], tuple[int, ...]] | None:
     """``(parameter names, their shape)`` if ``module`` is a leaf without buffers whose parameters all have
-    the shape of ``x``'s trailing dimensions (a norm's element-wise affine), else ``None``.
+    one shape (a norm's element-wise affine), else ``None``.
 
     Modules with buffers (batch norms' running statistics) are left out: their forward updates state.
 
     Example:
-        >>> affine_parameter_shape(nn.LayerNorm(8), torch.ones(2, 3, 8))
+        >>> affine_parameters(nn.LayerNorm(8))
         (['weight', 'bias'], (8,))
     """
     if module._buffers or any(True for _ in module.children()):
@@ -165,16 +167,99 @@ def affine_parameter_shape(module: nn.Module, x: torch.Tensor) -> tuple[list[str
     if not params:
         return None
     shape = tuple(params[0][1].shape)
-    if not shape or len(shape) > x.dim() - 1 or tuple(x.shape[-len(shape) :]) != shape:
-        return None
-    if any(tuple(p.shape) != shape for _, p in params):
+    if not shape or any(tuple(p.shape) != shape for _, p in params):
         return None
     return [name for name, _ in params], shape
+
+
+def per_sample_affine(module: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str], tuple[int, ...]] | None:
+    """The affine parameters a mixed batch gathers per sample for this call of ``module``, or ``None`` when the
+    call runs grouped by adapter (`grouped_forward`).
+
+    Per sample: a call on one tensor whose trailing dimensions have the shape of ``module``'s affine
+    parameters (`affine_parameters`), of a class whose forward takes per-sample parameters
+    (`broadcasts_per_sample`).
+
+    Example:
+        >>> per_sample_affine(nn.LayerNorm(8), (torch.ones(2, 3, 8),), {})
+        (['weight', 'bias'], (8,))
+    """
+    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+        return None
+    affine = affine_parameters(module)
+    if affine is None:
+        return None
+    shape, x = affine[1], args[0]
+    if len(shape) > x.dim() - 1 or tuple(x.shape[-len(shape) :]) != shape or not broadcasts_per_sample(module):
+        return None
+    return affine
 
 
 def is_exact_norm(module: nn.Module, args: tuple, kwargs: dict) -> bool:
     """torch's LayerNorm/RMSNorm called on one tensor: `per_sample_norm` computes it functionally."""
     return type(module) in (nn.LayerNorm, nn.RMSNorm) and len(args) == 1 and not kwargs
+
+
+#: Per norm class: whether its own forward applies per-sample parameters right (`broadcasts_per_sample`).
+_BROADCASTS: dict[type, bool] = {nn.LayerNorm: True, nn.RMSNorm: True}
+
+
+def broadcasts_per_sample(module: nn.Module) -> bool:
+    """Whether ``module``'s class computes right with per-sample parameters broadcast into its own forward.
+
+    Decided once per class, from the class alone: a float32 copy of ``module`` runs three samples with three
+    different random parameter sets, once with the parameters broadcast per sample (`call_with`) and once
+    each on its own, on the CPU. A class that fails (``LlamaRMSNorm`` and ``T5LayerNorm`` pass) runs
+    mixed batches grouped by adapter from then on, which is right but slower; one warning names it.
+
+    Args:
+        module: A leaf norm whose parameters have the shape of its input's trailing dimensions.
+
+    Returns:
+        The class's verdict (torch's ``LayerNorm`` and ``RMSNorm``: True, they are computed functionally).
+
+    Example:
+        >>> broadcasts_per_sample(LlamaRMSNorm(8))
+        True
+    """
+    kind = type(module)
+    verdict = _BROADCASTS.get(kind)
+    if verdict is None:
+        verdict = _BROADCASTS[kind] = _probe_broadcast(module)
+        if not verdict:
+            warnings.warn(
+                f"lntune: {kind.__module__}.{kind.__qualname__} does not compute per-sample weights in one call; "
+                "mixed-adapter batches run it once per adapter of the batch (correct, slower).",
+                stacklevel=4,
+            )
+    return verdict
+
+
+def _probe_broadcast(module: nn.Module) -> bool:
+    samples = 3
+    try:
+        with torch.no_grad(), torch.inference_mode(False):
+            reference = copy.deepcopy(module).float().cpu()
+            generator = torch.Generator().manual_seed(0)
+            copies = []
+            for _ in range(samples):
+                tuned = copy.deepcopy(reference)
+                for param in tuned.parameters():
+                    param.copy_(1 + torch.randn(param.shape, generator=generator))
+                copies.append(tuned)
+            shape = next(reference.parameters()).shape
+            x = torch.randn(samples, 2, *shape, generator=generator)
+            names = [name for name, p in reference._parameters.items() if p is not None]
+            params = {n: torch.stack([c._parameters[n] for c in copies]).view(samples, 1, *shape) for n in names}
+            out = call_with(reference, params, (x,), {})
+            expected = torch.cat([copies[i](x[i : i + 1]) for i in range(samples)])
+            return (
+                isinstance(out, torch.Tensor)
+                and out.shape == expected.shape
+                and torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+            )
+    except Exception:  # any failure of the class's forward with broadcast parameters: not this path
+        return False
 
 
 def per_sample_norm(reference: nn.Module, params: dict[str, torch.Tensor | None], args: tuple, kwargs: dict):
