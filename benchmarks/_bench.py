@@ -40,19 +40,19 @@ def run(args: argparse.Namespace) -> dict:
     """Train ``args.method`` on the first ``train_size`` rows of the dataset; score the test split."""
     from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
 
-    from lntune.cli.common import default_model_path, load_model, load_tokenizer
     from lntune.cli.data import bundled_file, label_names, load_table, tokenize
     from lntune.cli.trainer import AdapterTrainer, accuracy
+    from lntune.loading import load_model, load_tokenizer, packaged_model_path
 
     torch.set_num_threads(args.threads)
     train = load_table(bundled_file(f"{args.dataset}_train.csv"), "--data")
     test = load_table(bundled_file(f"{args.dataset}_test.csv"), "--eval-data")
     train, test = train[: args.train_size], test[: args.eval_size]
     labels = label_names([row["label"] for row in train])
-    path = default_model_path()
+    path = packaged_model_path()
     tokenizer = load_tokenizer(path)
     set_seed(args.seed)
-    model = _trainable_model(args.method, load_model(path, "seq-cls", labels))
+    model = _trainable_model(args.method, load_model(path, "seq-cls", labels).model.train())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = AdapterTrainer(

@@ -616,7 +616,7 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
     cases = [
         (["serve", "--adapters", str(tmp_path / "missing")], "no such folder"),
         (["serve", "--model", str(tmp_path), "--adapters", str(tmp_path)], "not a Transformers model folder"),
-        (["serve", "--adapters", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size must be positive"),
+        (["serve", "--adapters", str(tmp_path), "--max-batch-size", "0"], "argument --max-batch-size: must be above 0"),
     ]
     for argv, message in cases:
         assert main(argv) == 2

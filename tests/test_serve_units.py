@@ -11,12 +11,14 @@ import torch
 from test_serve import make_adapters, tiny_model
 
 from lntune.serve.app import endpoint_label
-from lntune.serve.catalog import AdapterCatalog, check_name, head_size, infer_task, label_names, recorded_base_model
-from lntune.serve.config import ServeConfig, default_max_length
+from lntune.serve.catalog import AdapterCatalog, check_name, head_size, label_names
+from lntune.serve.config import ServeConfig, default_max_length, infer_task, recorded_base_model
 from lntune.serve.errors import APIError
 from lntune.serve.pooling import Pooling, pool, read_pooling
+from lntune.tasks import TASKS
 
 MINILM = str(gt_minilm.get_model_path())
+HEADS = TASKS["seq-cls"].head_modules
 
 
 def test_minilm_pooling_equals_sentence_transformers():
@@ -100,8 +102,8 @@ def test_catalog_serves_a_folder_that_is_itself_an_adapter(adapters):
 
 
 def test_head_size_and_label_names(adapters):
-    assert head_size(adapters / "two" / "adapter_model.safetensors") == 2
-    assert head_size(adapters / "three" / "adapter_model.safetensors") == 3
+    assert head_size(adapters / "two" / "adapter_model.safetensors", HEADS) == 2
+    assert head_size(adapters / "three" / "adapter_model.safetensors", HEADS) == 3
     assert label_names(2, {0: "neg", 1: "pos"}) == ("neg", "pos")
     assert label_names(3, {0: "neg", 1: "pos"}, ["a", "b"]) == ("LABEL_0", "LABEL_1", "LABEL_2")
     assert label_names(2, {}, ["a", "b"]) == ("a", "b")
@@ -169,7 +171,8 @@ def test_bucketed_forwards_equal_one_padded_forward_in_the_callers_order(adapter
 
 def test_task_base_model_and_max_length_defaults(adapters, tmp_path):
     assert infer_task(adapters, MINILM) == "seq-cls"  # from lntune_run.json
-    assert recorded_base_model(adapters) is None  # make_adapters records no base_model
+    # make_adapters writes no base_model in lntune_run.json: adapter_config.json names it
+    assert recorded_base_model(adapters) == str(adapters.parent / "tiny-bert")
     run = adapters / "two" / "lntune_run.json"
     (tmp_path / "one").mkdir()
     for file in ["adapter_config.json", "adapter_model.safetensors"]:

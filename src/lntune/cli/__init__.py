@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from lntune.cli.arguments import OneLineParser
-from lntune.cli.common import INSTALL_DEMO, CLIError, Interrupted, missing_demo_modules
+from lntune.cli.common import Interrupted, missing_demo_modules
+from lntune.errors import InputError
+from lntune.loading import INSTALL_DEMO
 
 #: The commands: name, help, and the ``module:function`` that adds its options and the one that runs it
 #: (imported when the parser is built). A new command is one more row.
@@ -58,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["inspect", "--model", "path/to/model"])
         0
     """
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # bad options (one line on stderr already) or --help
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     where = f"lntune {args.command}"
     missing = missing_demo_modules()
     if missing:
@@ -70,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()  # weight-loading bars; Trainer's own bar stays
         args.run(args)
-    except CLIError as exc:
+    except InputError as exc:
         print(f"{where}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Interrupted as exc:

@@ -73,6 +73,38 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An option value that must be a finite number, 0 or more (``--max-wait-ms``).
+
+    Example:
+        >>> non_negative_float("0")
+        0.0
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 0 or more, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port: a whole number from 0 (any free port) to 65535.
+
+    Example:
+        >>> port("8000")
+        8000
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {value}")
+    return value
+
+
 def seed(text: str) -> int:
     """A random seed: a whole number from 0 to 2**32 - 1 (what NumPy, and so Trainer, accepts).
 

@@ -9,19 +9,12 @@ import tempfile
 from pathlib import Path
 
 from lntune.cli.arguments import positive_int
-from lntune.cli.common import (
-    RUN_FILE,
-    TASKS,
-    CLIError,
-    default_model_path,
-    load_model,
-    load_tokenizer,
-    say,
-    set_pad_token,
-    use_cpu,
-)
+from lntune.cli.common import CLIError, say, use_cpu
 from lntune.cli.data import check_columns, check_eval_labels, load_table, tokenize
-from lntune.cli.output import MERGE_FILE, OutputFolder, read_json
+from lntune.cli.output import MERGE_FILE, OutputFolder
+from lntune.loading import load_model, load_tokenizer, max_tokens, packaged_model_path, set_pad_token
+from lntune.run_record import RUN_FILE, RunRecord
+from lntune.tasks import TRAINABLE_TASKS, Task, task_named
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +35,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", metavar="PATH", help="local Transformers model folder (default: packaged all-MiniLM-L6-v2)"
     )
-    parser.add_argument("--task", choices=sorted(TASKS), default="seq-cls", help="default: seq-cls")
+    parser.add_argument("--task", choices=TRAINABLE_TASKS, default="seq-cls", help="default: seq-cls")
     parser.add_argument(
         "--target-modules", nargs="+", metavar="NAME", help="modules to tune (default: the model type's norms)"
     )
@@ -60,56 +53,42 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
 
 
-def _read_run(adapter: Path, model: str | None) -> dict:
-    """How the adapter was trained (``lntune_run.json``, else what ``adapter_config.json`` tells)."""
-    from lntune import LNTuningConfig
-
+def _read_run(adapter: Path, model: str | None) -> tuple[RunRecord, Task]:
+    """How the adapter was trained (its `RunRecord`), with ``--model`` in place of the recorded base model."""
     if not adapter.is_dir():
         raise CLIError(f"--adapter {adapter}: no such folder.")
     if not (adapter / "adapter_config.json").is_file():
         raise CLIError(f"--adapter {adapter}: not an adapter folder (it has no adapter_config.json).")
-    try:
-        config = LNTuningConfig.from_pretrained(adapter)
-    except (OSError, ValueError, TypeError) as exc:
-        raise CLIError(f"--adapter {adapter}: {exc}") from None
-    run_file = adapter / RUN_FILE
-    run = read_json(run_file) if run_file.exists() else {}
-    if run is None:
-        raise CLIError(f"--adapter {adapter}: {RUN_FILE} is not valid JSON; restore it, or delete it and use --model.")
-    by_type = {value: name for name, value in TASKS.items()}
-    run.setdefault("task", by_type.get(str(config.task_type), "causal-lm"))
-    run.setdefault("labels", None)
-    run.setdefault("text_column", "text")
-    run.setdefault("label_column", "label")
-    run.setdefault("max_length", 128)
-    run["base_model"] = model or run.get("base_model") or config.base_model_name_or_path
-    if not run["base_model"]:
+    run = RunRecord.read(adapter)  # a broken file: an InputError naming it
+    task = task_named(run.task) if run.task in TRAINABLE_TASKS else task_named("causal-lm")
+    run.base_model = model or run.base_model
+    if not run.base_model:
         raise CLIError(f"--adapter {adapter}: it does not say which base model it belongs to; pass --model.")
-    if not model and not os.path.isdir(run["base_model"]):
+    if not model and not os.path.isdir(run.base_model):
         raise CLIError(
-            f"--adapter {adapter}: its base model {run['base_model']} is not a local folder; pass --model PATH."
+            f"--adapter {adapter}: its base model {run.base_model} is not a local folder; pass --model PATH."
         )
-    return run
+    return run, task
 
 
-def _load_adapted(adapter: Path, run: dict, trust_remote_code: bool):
+def _load_adapted(adapter: Path, run: RunRecord, task: Task, trust_remote_code: bool):
     from lntune import PeftModel
 
-    model = load_model(run["base_model"], run["task"], run["labels"], trust_remote_code)
+    model = load_model(run.base_model, task, run.labels, trust_remote_code=trust_remote_code).model
     try:
         return PeftModel.from_pretrained(model, adapter)
     except (OSError, ValueError, KeyError) as exc:
-        raise CLIError(f"--adapter {adapter}: does not fit {run['base_model']}: {exc}") from None
+        raise CLIError(f"--adapter {adapter}: does not fit {run.base_model}: {exc}") from None
 
 
-def evaluate(model, tokenizer, dataset, task: str, batch_size: int) -> dict:
+def evaluate(model, tokenizer, dataset, task: Task, batch_size: int) -> dict:
     """Loss (and accuracy for seq-cls) of ``model`` on a tokenized dataset, through ``Trainer.evaluate``."""
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, TrainingArguments
 
     from lntune.cli.progress import wants_progress_bar
     from lntune.cli.trainer import AdapterTrainer, accuracy
 
-    classify = task == "seq-cls"
+    classify = task.classifies
     collator = DataCollatorWithPadding(tokenizer) if classify else DataCollatorForLanguageModeling(tokenizer, mlm=False)
     with tempfile.TemporaryDirectory(prefix="lntune-eval-") as scratch:
         arguments = TrainingArguments(
@@ -142,23 +121,22 @@ def run_eval(args: argparse.Namespace) -> dict:
         {'eval_loss': 0.52, 'eval_accuracy': 0.78, ...}
     """
     adapter = Path(args.adapter)
-    run = _read_run(adapter, args.model)
-    text_column = args.text_column or run["text_column"]
-    label_column = (args.label_column or run["label_column"]) if run["task"] == "seq-cls" else None
+    run, task = _read_run(adapter, args.model)
+    text_column = args.text_column or run.text_column
+    label_column = (args.label_column or run.label_column) if task.classifies else None
     table = load_table(args.data, "--data")
     check_columns(table, args.data, "--data", text_column, label_column)
-    labels = run["labels"] or []
+    labels = run.labels or []
     if label_column:
         if not labels:
             raise CLIError(f"--adapter {adapter}: no label names ({RUN_FILE} is missing); it was not made by lntune.")
         check_eval_labels(labels, [row[label_column] for row in table], args.data)
-    tokenizer = load_tokenizer(run["base_model"], args.trust_remote_code)
-    model = _load_adapted(adapter, run, args.trust_remote_code)
-    set_pad_token(model, tokenizer)
-    dataset = tokenize(table, tokenizer, text_column, run["max_length"], label_column, labels)
-    metrics = {
-        k: v for k, v in evaluate(model, tokenizer, dataset, run["task"], args.batch_size).items() if k != "epoch"
-    }
+    tokenizer = load_tokenizer(run.base_model, args.trust_remote_code)
+    model = _load_adapted(adapter, run, task, args.trust_remote_code)
+    set_pad_token(model, tokenizer.pad_token_id)
+    max_length = run.max_length or max_tokens(run.base_model, tokenizer, args.trust_remote_code)
+    dataset = tokenize(table, tokenizer, text_column, max_length, label_column, labels)
+    metrics = {k: v for k, v in evaluate(model, tokenizer, dataset, task, args.batch_size).items() if k != "epoch"}
     metrics["num_examples"] = len(dataset)
     print(json.dumps(metrics, indent=2))
     return metrics
@@ -172,10 +150,11 @@ def run_inspect(args: argparse.Namespace) -> list[dict]:
     """
     from lntune import LNTuningConfig, LNTuningLayer, get_peft_model
 
-    model_path = args.model or default_model_path()
-    model = load_model(model_path, args.task, None, args.trust_remote_code)
+    model_path = args.model or packaged_model_path()
+    task = task_named(args.task)
+    model = load_model(model_path, task, trust_remote_code=args.trust_remote_code).model
     try:
-        config = LNTuningConfig(task_type=TASKS[args.task], target_modules=args.target_modules)
+        config = LNTuningConfig(task_type=task.task_type, target_modules=args.target_modules)
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise CLIError(f"--target-modules: {exc}") from None
@@ -205,19 +184,19 @@ def run_merge(args: argparse.Namespace) -> Path:
         ``lntune_merge.json`` saying which adapter and base model it came from.
     """
     adapter = Path(args.adapter)
-    run = _read_run(adapter, args.model)
+    run, task = _read_run(adapter, args.model)
     if Path(os.path.abspath(args.output)) == Path(os.path.abspath(adapter)):
         raise CLIError(f"--output {args.output}: is the --adapter folder; write the merged model to a new folder.")
     with OutputFolder(args.output, overwrite=args.overwrite) as output:
         output.check_work("merge")
-        tokenizer = load_tokenizer(run["base_model"], args.trust_remote_code)
-        merged = _load_adapted(adapter, run, args.trust_remote_code).merge_and_unload()
-        set_pad_token(merged, tokenizer)
+        tokenizer = load_tokenizer(run.base_model, args.trust_remote_code)
+        merged = _load_adapted(adapter, run, task, args.trust_remote_code).merge_and_unload()
+        set_pad_token(merged, tokenizer.pad_token_id)
         output.create_work("merge", {"adapter": os.path.abspath(adapter)})
         try:
             merged.save_pretrained(output.work)
             tokenizer.save_pretrained(output.work)
-            output.publish(MERGE_FILE, {"adapter": os.path.abspath(adapter), "base_model": run["base_model"]})
+            output.publish(MERGE_FILE, {"adapter": os.path.abspath(adapter), "base_model": run.base_model})
         except BaseException:
             output.discard_work()
             raise

@@ -19,7 +19,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from lntune.cli.common import RUN_FILE, CLIError, is_main_process
+from lntune.cli.common import CLIError, is_main_process
+from lntune.run_record import RUN_FILE
 
 #: Marker of a folder written by ``lntune merge`` (``lntune train``'s is `RUN_FILE`).
 MERGE_FILE = "lntune_merge.json"

@@ -14,20 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from lntune.cli.arguments import positive_float, positive_int, seed
-from lntune.cli.common import (
-    RUN_FILE,
-    TASKS,
-    CLIError,
-    Interrupted,
-    default_model_path,
-    is_main_process,
-    load_model,
-    load_tokenizer,
-    max_tokens,
-    say,
-    set_pad_token,
-    use_cpu,
-)
+from lntune.cli.common import CLIError, Interrupted, is_main_process, say, use_cpu
 from lntune.cli.data import (
     DEFAULT_EVAL,
     DEFAULT_TRAIN,
@@ -41,6 +28,9 @@ from lntune.cli.data import (
     tokenize,
 )
 from lntune.cli.output import OutputFolder
+from lntune.loading import load_model, load_tokenizer, max_tokens, model_id, packaged_model_path, set_pad_token
+from lntune.run_record import RUN_FILE, RunRecord
+from lntune.tasks import TRAINABLE_TASKS, Task, task_named
 
 #: Defaults chosen by benchmarks/sweep_lr.py (see docs/cli.md): LN tuning needs a large learning rate.
 DEFAULT_LR = 1e-2
@@ -85,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--label-column", metavar="NAME", default="label", help="column with the label (default: label)"
     )
-    parser.add_argument("--task", choices=sorted(TASKS), default="seq-cls", help="default: seq-cls")
+    parser.add_argument("--task", choices=TRAINABLE_TASKS, default="seq-cls", help="default: seq-cls")
     parser.add_argument(
         "--output", metavar="DIR", default=DEFAULT_OUTPUT, help=f"adapter folder to write (default: {DEFAULT_OUTPUT})"
     )
@@ -135,11 +125,12 @@ def _read_data(args: argparse.Namespace) -> tuple[list, list, list[str]]:
     """Train and eval tables, checked, and the label names (empty for causal-lm)."""
     if args.eval_data and not args.data:
         raise CLIError("--eval-data needs --data (the bundled dataset has its own test split).")
-    if args.task == "seq-cls" and args.text_column == args.label_column:
+    classifies = task_named(args.task).classifies
+    if classifies and args.text_column == args.label_column:
         raise CLIError(f"--text-column and --label-column are both {args.text_column!r}; name two columns.")
     train_path = args.data or bundled_file(DEFAULT_TRAIN)
     eval_path = args.eval_data or (None if args.data else bundled_file(DEFAULT_EVAL))
-    label_column = args.label_column if args.task == "seq-cls" else None
+    label_column = args.label_column if classifies else None
     train = load_table(train_path, "--data")
     check_columns(train, train_path, "--data", args.text_column, label_column)
     if eval_path:
@@ -199,7 +190,7 @@ def _training_arguments(args: argparse.Namespace, work: Path, total_steps: int):
         dataloader_pin_memory=False,
         use_cpu=use_cpu(),
         ddp_find_unused_parameters=False,
-        prediction_loss_only=args.task != "seq-cls",
+        prediction_loss_only=not task_named(args.task).classifies,
         disable_tqdm=not wants_progress_bar(),  # set explicitly: Transformers hides it at log level "error"
         log_level="error",
         log_level_replica="error",
@@ -214,10 +205,6 @@ def _last_checkpoint(work: Path) -> Path | None:
 def _resume_command(args: argparse.Namespace) -> str:
     words = list(getattr(args, "argv", None) or ["train"])
     return shlex.join(["lntune", *words, *([] if "--resume" in words else ["--resume"])])
-
-
-def _model_name(model_path: str, default: bool) -> str:
-    return "all-MiniLM-L6-v2" if default else Path(os.path.abspath(model_path)).name
 
 
 def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
@@ -242,7 +229,7 @@ def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         0.71
     """
     with OutputFolder(args.output, overwrite=args.overwrite) as output:
-        model_path = args.model or default_model_path()
+        model_path = args.model or packaged_model_path()
         settings = _settings(args, model_path)
         kept = output.check_work("train", resume=args.resume)
         if args.resume:
@@ -274,6 +261,7 @@ def _interrupted(args: argparse.Namespace, output: OutputFolder, total_steps: in
 class _Prepared:
     """The model and data of a run, checked and tokenized."""
 
+    task: Task
     model: nn.Module
     tokenizer: object
     train_set: list
@@ -293,17 +281,18 @@ def _prepare(args: argparse.Namespace, model_path: str) -> _Prepared:
     from lntune import LNTuningConfig, get_peft_model
 
     set_seed(args.seed)
-    model = load_model(model_path, args.task, labels, args.trust_remote_code)
-    set_pad_token(model, tokenizer)
-    config = LNTuningConfig(task_type=TASKS[args.task], target_modules=args.target_modules)
+    task = task_named(args.task)
+    model = load_model(model_path, task, labels, trust_remote_code=args.trust_remote_code).model.train()
+    set_pad_token(model, tokenizer.pad_token_id)
+    config = LNTuningConfig(task_type=task.task_type, target_modules=args.target_modules)
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:
         raise CLIError(f"--target-modules: {exc}") from None
-    label_column = args.label_column if args.task == "seq-cls" else None
+    label_column = args.label_column if task.classifies else None
     train_set = tokenize(train_table, tokenizer, args.text_column, max_length, label_column, labels)
     eval_set = tokenize(eval_table, tokenizer, args.text_column, max_length, label_column, labels)
-    return _Prepared(model, tokenizer, train_set, eval_set, labels, max_length)
+    return _Prepared(task, model, tokenizer, train_set, eval_set, labels, max_length)
 
 
 def _make_trainer(args: argparse.Namespace, run: _Prepared, work: Path, total_steps: int, callbacks: list):
@@ -313,7 +302,7 @@ def _make_trainer(args: argparse.Namespace, run: _Prepared, work: Path, total_st
     from lntune.cli.progress import EvalLines
     from lntune.cli.trainer import AdapterTrainer, accuracy
 
-    if args.task == "seq-cls":
+    if run.task.classifies:
         collator, metrics_fn = DataCollatorWithPadding(run.tokenizer), accuracy
     else:
         collator, metrics_fn = DataCollatorForLanguageModeling(run.tokenizer, mlm=False), None
@@ -325,7 +314,7 @@ def _make_trainer(args: argparse.Namespace, run: _Prepared, work: Path, total_st
         data_collator=collator,
         compute_metrics=metrics_fn,
         callbacks=[EvalLines(total_steps), *callbacks],
-        token_loss=args.task == "causal-lm",
+        token_loss=not run.task.classifies,
     )
 
 
@@ -340,7 +329,7 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
     stop = StopOnInterrupt()
     trainer = _make_trainer(args, run, output.work, total_steps, [stop, *(callbacks or [])])
     trainable, total = run.model.get_nb_trainable_parameters()
-    name = _model_name(model_path, args.model is None)
+    name = model_id(model_path)
     say(
         f"lntune: LN tuning {name} ({args.task}) on {len(run.train_set)} examples, {len(run.eval_set)} held out; "
         f"{trainable:,d} of {total:,d} parameters trainable ({100 * trainable / total:.3f}%), "
@@ -377,14 +366,14 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
 
 def _finish(trainer, args, name: str, model_path: str, run: _Prepared, metrics: dict, output: OutputFolder) -> None:
     """Write the run's files, publish the output folder and print the one-line summary (rank 0)."""
-    record = {
-        "base_model": model_path,
-        "task": args.task,
-        "labels": run.labels,
-        "text_column": args.text_column,
-        "label_column": args.label_column,
-        "max_length": run.max_length,
-    }
+    record = RunRecord(
+        base_model=model_path,
+        task=run.task.name,
+        labels=run.labels,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_length=run.max_length,
+    )
     _write_outputs(trainer, run.model, args, name, record, metrics, output)
     summary = f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}"
     if "eval_accuracy" in metrics:
@@ -401,7 +390,7 @@ def _final_evaluation(trainer) -> dict:
     return trainer.evaluate()
 
 
-def _write_outputs(trainer, model, args, name: str, run: dict, metrics: dict, output: OutputFolder) -> None:
+def _write_outputs(trainer, model, args, name: str, record: RunRecord, metrics: dict, output: OutputFolder) -> None:
     from lntune.cli.plot import plot_curves
 
     work = output.work
@@ -416,4 +405,4 @@ def _write_outputs(trainer, model, args, name: str, run: dict, metrics: dict, ou
     title = f"LN tuning of {name} on {data}\nlr {args.lr:g}, batch {args.batch_size}, {metrics['train_steps']} steps"
     plot_curves(history, work / "training_curves.png", title)
     shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from
-    output.publish(RUN_FILE, run)
+    output.publish(RUN_FILE, record.to_dict())

@@ -16,13 +16,13 @@ import queue
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lntune.mixed_batch import BASE_ADAPTER_NAME
 from lntune.serve.catalog import AdapterSource
-from lntune.serve.engine import Engine
+from lntune.serve.engine import Engine, Sampling
 from lntune.serve.errors import APIError
 from lntune.serve.metrics import ServerMetrics
 from lntune.serve.registry import AdapterRegistry
@@ -34,16 +34,16 @@ _STOP = object()
 
 @dataclass(eq=False)
 class WorkItem:
-    """One sample: its adapter (None: the base model), token ids and generation options.
+    """One sample: its adapter (None: the base model), token ids and, for generation, its settings.
 
-    Items with different ``options`` never share a forward (``causal-lm``: the `Sampling`); ``budget`` is
-    the sample's own limit of new tokens.
+    Items with different ``sampling`` never share a ``generate``; ``budget`` is the sample's own limit of new
+    tokens. Items without ``sampling`` run a forward (encoder tasks).
     """
 
     source: AdapterSource | None
     input_ids: list[int]
     future: asyncio.Future
-    options: Hashable = None
+    sampling: Sampling | None = None
     budget: int = 0
 
 
@@ -197,15 +197,18 @@ class Batcher:
                 _settle(item.future, error=failures[item.source.name])
                 continue
             key = self.engine.primary_key if item.source is None else self.registry.resident(item.source.name).key
-            groups[(key, item.options)].append(item)
-        for (key, options), items in groups.items():
+            groups[(key, item.sampling)].append(item)
+        for (key, sampling), items in groups.items():
             names = [
                 BASE_ADAPTER_NAME if i.source is None else self.registry.resident(i.source.name).internal_name
                 for i in items
             ]
-            sampling = None if options is None else (options, [i.budget for i in items])
+            sequences = [i.input_ids for i in items]
             try:
-                results = self.engine.run(key, [i.input_ids for i in items], names, sampling)
+                if sampling is None:
+                    results = self.engine.run(key, sequences, names)
+                else:
+                    results = self.engine.generate(key, sequences, names, sampling, [i.budget for i in items])
             except Exception as exc:  # a failed forward fails its requests; the server keeps serving
                 logger.exception("lntune serve: a batch of %d samples failed", len(items))
                 error = APIError(500, f"The model failed on this batch: {type(exc).__name__}: {exc}", "server_error")

@@ -11,7 +11,6 @@ absolute paths elsewhere, symlinks out) are refused.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 import torch
 
 from lntune.checkpoint import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from lntune.cli.common import RUN_FILE
 from lntune.config import CONFIG_NAME, LNTuningConfig
-from lntune.serve.config import TASK_TYPES
+from lntune.run_record import RUN_FILE, RunRecord
 from lntune.serve.errors import APIError, adapter_failed, bad_request, not_found
+from lntune.tasks import task_named, task_of_type
 
 _WEIGHT_FILES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
-_HEAD_MODULES = {"classifier", "score"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +76,16 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file() and _weights_file(folder) is not None
 
 
+def adapter_folders(root: Path) -> list[Path]:
+    """The adapter folders of ``root``: ``root`` itself if it is one, then its subfolders that are (hidden ones
+    left out), sorted by name."""
+    try:
+        children = sorted(c for c in root.iterdir() if not c.name.startswith(".")) if root.is_dir() else []
+    except OSError:
+        children = []
+    return [folder for folder in (root, *children) if is_adapter_folder(folder)]
+
+
 def _weight_shapes(path: Path) -> dict[str, list[int]]:
     """``{key: shape}`` of a weights file, reading only the header of a safetensors file."""
     try:
@@ -92,20 +100,21 @@ def _weight_shapes(path: Path) -> dict[str, list[int]]:
         raise adapter_failed(f"Cannot read adapter weights {path}: {exc}") from None
 
 
-def head_size(weights: Path) -> int | None:
+def head_size(weights: Path, head_modules: tuple[str, ...]) -> int | None:
     """The number of classes of the classifier head saved in ``weights`` (None if it has none).
 
-    The head is the last linear layer under a module named ``classifier`` or ``score`` (``out_proj`` of
-    RoBERTa-style heads).
+    The head is the last linear layer under one of ``head_modules`` (``classifier`` or ``score`` for
+    classification: `lntune.tasks`; ``out_proj`` of RoBERTa-style heads).
 
     Example:
-        >>> head_size(Path("lntune-output/adapter_model.safetensors"))
+        >>> head_size(Path("lntune-output/adapter_model.safetensors"), ("classifier", "score"))
         2
     """
+    heads = set(head_modules)
     keys = [
         (key, shape)
         for key, shape in _weight_shapes(weights).items()
-        if len(shape) == 2 and key.endswith(".weight") and _HEAD_MODULES & set(key.split(".")[:-1])
+        if len(shape) == 2 and key.endswith(".weight") and heads & set(key.split(".")[:-1])
     ]
     keys.sort(key=lambda item: not item[0].endswith("out_proj.weight"))
     return keys[0][1][0] if keys else None
@@ -145,7 +154,7 @@ class AdapterCatalog:
     def __init__(self, root: Path, base_model_id: str, task: str, base_labels: dict[int, str] | None = None) -> None:
         self.root = Path(root)
         self.base_model_id = base_model_id
-        self.task = task
+        self.task = task_named(task)
         self.base_labels = dict(base_labels or {})
         self._real_root = self.root.resolve()
         self._registered: dict[str, Path] = {}
@@ -156,12 +165,7 @@ class AdapterCatalog:
     # ----------------------------------------------------------------------------- listing
     def names(self) -> list[str]:
         """The names of every adapter that can be served now (folders found plus adapters registered)."""
-        found = [self.root.name] if is_adapter_folder(self.root) and self._inside(self.root) else []
-        try:
-            children = sorted(self.root.iterdir())
-        except OSError:
-            children = []
-        found += [c.name for c in children if not c.name.startswith(".") and is_adapter_folder(c) and self._inside(c)]
+        found = [folder.name for folder in adapter_folders(self.root) if self._inside(folder)]
         found += list(self._registered)
         hidden = self._hidden | {self.base_model_id}
         return [n for n in dict.fromkeys(found) if n not in hidden]
@@ -279,91 +283,22 @@ class AdapterCatalog:
             config = LNTuningConfig.from_pretrained(folder)
         except (OSError, ValueError, TypeError) as exc:
             raise adapter_failed(f"Adapter '{name}': cannot read {folder / CONFIG_NAME}: {exc}") from None
-        task_type = None if config.task_type is None else str(config.task_type)
-        if task_type not in (None, TASK_TYPES[self.task]):
-            served = {value: key for key, value in TASK_TYPES.items()}.get(task_type, task_type)
+        saved_for = task_of_type(config.task_type)
+        if config.task_type is not None and saved_for is not self.task:
+            served = saved_for.name if saved_for else str(config.task_type)
             raise bad_request(
-                f"Adapter '{name}' was saved for task_type {task_type} ({folder / CONFIG_NAME}), but this server "
-                f"serves {self.task}; serve it with lntune serve --task {served}.",
+                f"Adapter '{name}' was saved for task_type {config.task_type} ({folder / CONFIG_NAME}), but this "
+                f"server serves {self.task.name}; serve it with lntune serve --task {served}.",
                 param="model",
                 code="adapter_task_mismatch",
             )
         num_labels = labels = None
-        if self.task == "seq-cls":
-            num_labels = head_size(weights)
+        if self.task.classifies:
+            num_labels = head_size(weights, self.task.head_modules)
             if num_labels is not None:
-                labels = self._label_names(name, folder / RUN_FILE, num_labels)
+                try:
+                    record = RunRecord.read(folder, config)
+                except ValueError as exc:
+                    raise adapter_failed(f"Adapter '{name}': {exc}") from None
+                labels = label_names(num_labels, self.base_labels, record.labels)
         return AdapterSource(name, folder, next(self._generations), fingerprint, num_labels, labels)
-
-    def _label_names(self, name: str, run_file: Path, num_labels: int) -> tuple[str, ...]:
-        """The adapter's labels: from ``lntune_run.json``, else the base model config's, else ``LABEL_i``."""
-        trained = None
-        if run_file.is_file():
-            try:
-                trained = json.loads(run_file.read_text(encoding="utf-8")).get("labels")
-            except (OSError, ValueError, AttributeError) as exc:
-                raise adapter_failed(f"Adapter '{name}': cannot read {run_file}: {exc}") from None
-        return label_names(num_labels, self.base_labels, trained)
-
-
-def _recorded(root: Path, key: str) -> set[str]:
-    """The values of ``key`` that the adapters of ``root`` record: in ``lntune_run.json``, else (for
-    ``task``) the ``task_type`` of ``adapter_config.json``. Unreadable adapters are skipped (their own
-    requests fail later)."""
-    by_type = {value: name for name, value in TASK_TYPES.items()}
-    folders = [root] + (sorted(c for c in root.iterdir() if not c.name.startswith(".")) if root.is_dir() else [])
-    values = set()
-    for folder in folders:
-        if not is_adapter_folder(folder):
-            continue
-        try:
-            run = json.loads((folder / RUN_FILE).read_text(encoding="utf-8")) if (folder / RUN_FILE).is_file() else {}
-            value = run.get(key)
-            if value is None and key == "task":
-                value = by_type.get(json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("task_type"))
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(value, str) and value:
-            values.add(value)
-    return values
-
-
-def recorded_base_model(root: Path) -> str | None:
-    """The base model folder that the adapters of ``root`` were trained on (``base_model`` in their
-    ``lntune_run.json``), if they all name the same one and it exists; else None.
-
-    Example:
-        >>> recorded_base_model(Path("lntune-output"))
-        '/path/to/the/model/lntune/train/used'
-    """
-    models = _recorded(root, "base_model")
-    model = models.pop() if len(models) == 1 else None
-    return model if model is not None and Path(model).is_dir() else None
-
-
-def infer_task(root: Path, model_path: str) -> str:
-    """The task to serve when ``--task`` is not given: the one the adapters in ``root`` were trained for.
-
-    Each adapter's task comes from its ``lntune_run.json`` (``task``), else its ``adapter_config.json``
-    (``task_type``). Without adapters saying one, the base model's architecture decides: ``...ForCausalLM``
-    is ``causal-lm``, ``...ForSequenceClassification`` is ``seq-cls``, anything else ``feature-extraction``.
-
-    Raises:
-        ValueError: if the adapters were trained for different tasks (pass ``--task``).
-
-    Example:
-        >>> infer_task(Path("lntune-output"), "path/to/minilm")
-        'seq-cls'
-    """
-    tasks = _recorded(root, "task") & set(TASK_TYPES)
-    if len(tasks) > 1:
-        raise ValueError(f"the adapters in {root} were trained for different tasks {sorted(tasks)}; pass --task.")
-    if tasks:
-        return tasks.pop()
-    config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-    architectures = config.get("architectures") or []
-    if any(a.endswith("ForCausalLM") for a in architectures):
-        return "causal-lm"
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "seq-cls"
-    return "feature-extraction"

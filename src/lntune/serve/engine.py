@@ -14,17 +14,20 @@ model's tensors (shared, not copied); only the head differs.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lntune import PeftModel
+from lntune.loading import load_model, set_pad_token
+from lntune.peft_model import PeftModel
 from lntune.serve.buckets import default_overhead_tokens, length_buckets
 from lntune.serve.pooling import Pooling, pool
+from lntune.tasks import Task, task_named
 
-_HEAD_MODULES = ("classifier", "score")
+#: Which model of an engine serves an adapter: its head's number of classes (classification), else None.
+SlotKey = int | None
 
 
 @dataclass(frozen=True)
@@ -33,35 +36,6 @@ class Sampling:
 
     temperature: float = 0.0
     top_p: float = 1.0
-
-
-def load_base_model(path: str, task: str, num_labels: int | None = None) -> tuple[nn.Module, bool]:
-    """Load the base model of ``task`` from a local folder, in eval mode.
-
-    Args:
-        path: A local Transformers model folder.
-        task: ``seq-cls``, ``feature-extraction`` or ``causal-lm``.
-        num_labels: ``seq-cls`` only: the head's size (None: the folder's).
-
-    Returns:
-        ``(model, has_trained_head)``; the second is False when ``seq-cls`` had to create a new head.
-
-    Example:
-        >>> model, has_head = load_base_model("path/to/minilm", "feature-extraction")
-    """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if task == "seq-cls":
-        sized = {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **sized)
-        mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
-        new = [*info.get("missing_keys", ()), *mismatched]
-        has_head = not any(part in _HEAD_MODULES for key in new for part in key.split("."))
-    elif task == "causal-lm":
-        model, has_head = AutoModelForCausalLM.from_pretrained(path), True
-    else:
-        model, has_head = AutoModel.from_pretrained(path), True
-    return model.eval(), has_head
 
 
 def share_frozen_weights(source: dict[str, nn.Parameter], model: nn.Module) -> None:
@@ -127,7 +101,7 @@ class Engine:
 
     Args:
         model_path: The base model folder.
-        task: ``seq-cls``, ``feature-extraction`` or ``causal-lm``.
+        task: A served `Task` (or its name): ``seq-cls``, ``feature-extraction`` or ``causal-lm``.
         pad_token_id: The tokenizer's pad token.
         eos_token_ids: Tokens that end a generated sequence (``causal-lm``), besides the model's own.
         pooling: How embeddings are pooled (``feature-extraction``).
@@ -143,84 +117,76 @@ class Engine:
     def __init__(
         self,
         model_path: str,
-        task: str,
+        task: Task | str,
         pad_token_id: int,
         eos_token_ids: Sequence[int] = (),
         pooling: Pooling | None = None,
         overhead_tokens: int | None = None,
     ) -> None:
         self.model_path = model_path
-        self.task = task
+        self.task = task_named(task) if isinstance(task, str) else task
         self.pad_token_id = pad_token_id
         self.eos_token_ids = set(eos_token_ids)
         self.pooling = pooling or Pooling()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.overhead_tokens = default_overhead_tokens(self.device) if overhead_tokens is None else overhead_tokens
-        model, self.base_has_head = load_base_model(model_path, task)
+        model, new_head = load_model(model_path, self.task)
+        self.base_has_head = not new_head
         self._place(model)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_token_ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.primary_key = model.config.num_labels if task == "seq-cls" else None
-        self.base_labels = dict(model.config.id2label) if task == "seq-cls" else {}
-        self._frozen = dict(model.named_parameters()) if task == "seq-cls" else {}
-        self.slots: dict[Hashable, ModelSlot] = {self.primary_key: ModelSlot(model)}
+        classifies = self.task.classifies
+        self.primary_key: SlotKey = model.config.num_labels if classifies else None
+        self.base_labels = dict(model.config.id2label) if classifies else {}
+        self._frozen = dict(model.named_parameters()) if classifies else {}
+        self.slots: dict[SlotKey, ModelSlot] = {self.primary_key: ModelSlot(model)}
 
     # ----------------------------------------------------------------------------- adapters
-    def slot_key(self, num_labels: int | None) -> Hashable:
+    def slot_key(self, num_labels: int | None) -> SlotKey:
         """Which model serves an adapter whose head has ``num_labels`` classes (None: the first model)."""
         return self.primary_key if num_labels is None else num_labels
 
-    def _slot(self, key: Hashable) -> ModelSlot:
+    def _slot(self, key: SlotKey) -> ModelSlot:
         if key not in self.slots:
-            model, _ = load_base_model(self.model_path, self.task, num_labels=key)
+            model = load_model(self.model_path, self.task, num_labels=key).model
             share_frozen_weights(self._frozen, model)
             self.slots[key] = ModelSlot(self._place(model))
         return self.slots[key]
 
     def _place(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device and tell it the pad token (decoder classifiers find the last token by it)."""
-        model.to(self.device)
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = self.pad_token_id
+        set_pad_token(model.to(self.device).eval(), self.pad_token_id)
         return model
 
-    def load(self, key: Hashable, folder: str, adapter_name: str) -> None:
+    def load(self, key: SlotKey, folder: str, adapter_name: str) -> None:
         """Load an adapter folder as ``adapter_name`` into the model ``key``."""
         self._slot(key).load(folder, adapter_name)
 
-    def unload(self, key: Hashable, adapter_name: str) -> None:
+    def unload(self, key: SlotKey, adapter_name: str) -> None:
         """Unload ``adapter_name`` from the model ``key``."""
         self.slots[key].delete(adapter_name)
 
     # ------------------------------------------------------------------------------ batches
     @torch.inference_mode()
-    def run(
-        self,
-        key: Hashable,
-        sequences: list[list[int]],
-        adapter_names: list[str],
-        sampling: tuple[Sampling, list[int]] | None = None,
-    ) -> list:
-        """The forwards (or the ``generate``) of the model ``key`` on a batch, one adapter per sample.
+    def run(self, key: SlotKey, sequences: list[list[int]], adapter_names: list[str]) -> list[torch.Tensor]:
+        """The forwards of the model ``key`` on a batch, one adapter per sample (encoder tasks).
+
+        Inputs of similar lengths share a forward (`length_buckets`), whatever their adapters.
 
         Args:
             key: The model (see `slot_key`).
             sequences: Each sample's token ids.
             adapter_names: Each sample's adapter (``"__base__"``: none).
-            sampling: ``causal-lm`` only: ``(Sampling, [max_tokens of each sample])``.
 
         Returns:
-            Per sample: its embedding (float32 tensor), its class probabilities (float32 tensor), or
-            ``(new token ids, ended_by_eos)`` for generation.
+            Per sample, a float32 CPU tensor: its class probabilities (classification) or its pooled embedding.
         """
         slot = self.slots[key]
-        if self.task == "causal-lm":
-            return self._generate(slot, sequences, adapter_names, *sampling)
         results: list = [None] * len(sequences)
         for bucket in length_buckets([len(s) for s in sequences], self.overhead_tokens):
             ids, mask = _padded([sequences[i] for i in bucket], self.pad_token_id, left=False, device=self.device)
             out = slot.forward([adapter_names[i] for i in bucket], input_ids=ids, attention_mask=mask)
-            if self.task == "seq-cls":
+            if self.task.classifies:
                 rows = out.logits.float().softmax(dim=-1).cpu()
             else:
                 rows = pool(out.last_hidden_state, mask, self.pooling).cpu()
@@ -228,12 +194,32 @@ class Engine:
                 results[i] = row
         return results
 
-    def _generate(self, slot: ModelSlot, sequences, adapter_names, sampling: Sampling, budgets: list[int]) -> list:
+    @torch.inference_mode()
+    def generate(
+        self,
+        key: SlotKey,
+        sequences: list[list[int]],
+        adapter_names: list[str],
+        sampling: Sampling,
+        budgets: list[int],
+    ) -> list[tuple[list[int], bool]]:
+        """One ``generate`` of the model ``key`` on a batch, one adapter per sample (generation tasks).
+
+        Args:
+            key: The model (see `slot_key`).
+            sequences: Each sample's prompt token ids.
+            adapter_names: Each sample's adapter (``"__base__"``: none).
+            sampling: The batch's sampling settings.
+            budgets: Each sample's most new tokens.
+
+        Returns:
+            Per sample: its new token ids (up to its end-of-sequence token, left out) and whether it ended there.
+        """
         ids, mask = _padded(sequences, self.pad_token_id, left=True, device=self.device)
         options = {"do_sample": False}
         if sampling.temperature > 0:
             options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        out = slot.generate(
+        out = self.slots[key].generate(
             adapter_names,
             input_ids=ids,
             attention_mask=mask,

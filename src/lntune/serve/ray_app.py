@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lntune.serve.app import create_app
+from lntune.serve.config import ServeConfig
 from lntune.serve.errors import APIError
 from lntune.serve.service import ServingService
 
@@ -47,26 +48,11 @@ class AdapterHandle:
             self.service.batcher.post(lambda: self.service.registry.remove(self.name))
 
 
-def service_from_options(options: dict[str, Any]) -> ServingService:
-    """A `ServingService` from ``lntune serve`` options given as ``{"max_batch_size": 32, ...}``.
-
-    Example:
-        >>> service = service_from_options({"adapters": "/path/to/adapters", "task": "feature-extraction"})
-    """
-    from lntune.cli import build_parser
-    from lntune.cli.serve import build_service
-
-    argv = ["serve"]
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return build_service(build_parser().parse_args(argv))
-
-
 class LNTuneReplica:
     """One replica: the service, its app, and the per-request routing through the multiplexed loader."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        self.service = service_from_options(options)
+        self.service = ServingService.from_config(ServeConfig.resolve(**options))
         self.service.start()
         transport = httpx.ASGITransport(app=create_app(self.service))
         self.client = httpx.AsyncClient(transport=transport, base_url="http://replica", timeout=None)

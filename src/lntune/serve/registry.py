@@ -13,11 +13,11 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lntune.serve.catalog import AdapterSource
-from lntune.serve.engine import Engine
+from lntune.serve.engine import Engine, SlotKey
 from lntune.serve.errors import APIError, adapter_failed
 from lntune.serve.metrics import ServerMetrics
 
@@ -29,7 +29,7 @@ class Resident:
     """A loaded adapter: its name in the model, the model (slot) holding it, and the source it came from."""
 
     internal_name: str
-    key: Hashable
+    key: SlotKey
     source: AdapterSource
 
 

@@ -12,6 +12,7 @@ import base64
 import time
 import uuid
 
+from lntune.loading import load_tokenizer
 from lntune.serve.batcher import Batcher, WorkItem
 from lntune.serve.catalog import AdapterCatalog, AdapterSource, label_names
 from lntune.serve.config import ServeConfig
@@ -37,8 +38,8 @@ from lntune.serve.schemas import (
     ModelList,
     Usage,
 )
+from lntune.tasks import TASKS, task_named
 
-_ENDPOINT_OF_TASK = {"feature-extraction": "/v1/embeddings", "seq-cls": "/v1/classify", "causal-lm": "/v1/completions"}
 _MAX_STOP = 4
 
 
@@ -65,6 +66,7 @@ class ServingService:
 
     def __init__(self, config: ServeConfig, tokenizer, engine: Engine, metrics: ServerMetrics | None = None) -> None:
         self.config = config
+        self.task = task_named(config.task)
         self.tokenizer = tokenizer
         self.engine = engine
         self.metrics = metrics or ServerMetrics()
@@ -74,9 +76,10 @@ class ServingService:
         self.created = int(time.time())
 
     @classmethod
-    def from_config(cls, config: ServeConfig, tokenizer) -> ServingService:
-        """Load the base model for ``config`` (adapters load on first use)."""
-        pooling = read_pooling(config.model_path) if config.task == "feature-extraction" else None
+    def from_config(cls, config: ServeConfig, tokenizer=None) -> ServingService:
+        """Load the base model (and, unless given, the tokenizer) for ``config``; adapters load on first use."""
+        tokenizer = tokenizer or load_tokenizer(config.model_path)
+        pooling = read_pooling(config.model_path) if task_named(config.task).embeds else None
         engine = Engine(config.model_path, config.task, tokenizer.pad_token_id, _eos_ids(tokenizer), pooling)
         return cls(config, tokenizer, engine)
 
@@ -98,7 +101,7 @@ class ServingService:
 
     async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
         """``POST /v1/embeddings``: one pooled embedding per input."""
-        self._require_task("feature-extraction")
+        self._require_endpoint("/v1/embeddings")
         if request.dimensions is not None:
             raise bad_request("dimensions is not supported: embeddings have the model's size.", param="dimensions")
         source = self.catalog.resolve(request.model)
@@ -110,7 +113,7 @@ class ServingService:
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """``POST /v1/classify``: class probabilities and the most likely label per input."""
-        self._require_task("seq-cls")
+        self._require_endpoint("/v1/classify")
         source = self.catalog.resolve(request.model)
         if source is None and not self.engine.base_has_head:
             raise bad_request(
@@ -137,7 +140,7 @@ class ServingService:
 
     async def completions(self, request: CompletionRequest) -> CompletionResponse:
         """``POST /v1/completions``: one completion per prompt (greedy at temperature 0)."""
-        self._require_task("causal-lm")
+        self._require_endpoint("/v1/completions")
         sampling, max_tokens, stops = self._completion_options(request)
         source = self.catalog.resolve(request.model)
         ids = self._tokenize(self._texts(request.prompt, "prompt"), "prompt")
@@ -174,11 +177,12 @@ class ServingService:
         return AdapterStatus(id=name, resident=False)
 
     # ----------------------------------------------------------------------------- helpers
-    def _require_task(self, task: str) -> None:
-        if self.config.task != task:
+    def _require_endpoint(self, endpoint: str) -> None:
+        if endpoint not in self.task.endpoints:
+            serving = next(name for name, task in TASKS.items() if endpoint in task.endpoints)
             raise bad_request(
-                f"This server serves {self.config.task} ({_ENDPOINT_OF_TASK[self.config.task]}); start lntune "
-                f"serve --task {task} for {_ENDPOINT_OF_TASK[task]}.",
+                f"This server serves {self.task.name} ({', '.join(self.task.endpoints)}); start lntune "
+                f"serve --task {serving} for {endpoint}.",
                 code="wrong_endpoint",
             )
 
