@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lntune.precision import call_with_parameters
+
 BASE_ADAPTER_NAME = "__base__"
 
 #: Largest per-sample weight tensor (in elements) `per_sample_linear` gathers; bigger heads run grouped.
@@ -50,8 +52,26 @@ class BatchAdapters:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_names(cls, adapter_names: Sequence[str]) -> BatchAdapters:
-        """One entry per sample, for example ``["a", "b", "__base__", "a"]``."""
+    def from_names(cls, adapter_names: Sequence[str], rows: int | None = None) -> BatchAdapters:
+        """One entry per sample, for example ``["a", "b", "__base__", "a"]``.
+
+        Args:
+            adapter_names: The adapter of each sample (``"__base__"``: none).
+            rows: The batch's number of samples, if known: ``adapter_names`` must have that many entries.
+
+        Raises:
+            TypeError: ``adapter_names`` is a string (one name per sample is needed).
+            ValueError: its length is not ``rows``.
+        """
+        if isinstance(adapter_names, str):
+            raise TypeError(
+                f"adapter_names must be a list with one adapter name per sample, got the string {adapter_names!r}."
+            )
+        if rows is not None and len(adapter_names) != rows:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries, but the batch has {rows} samples; pass one adapter "
+                f"name per sample ('{BASE_ADAPTER_NAME}' for the base model)."
+            )
         names = list(dict.fromkeys(adapter_names))
         position = {name: i for i, name in enumerate(names)}
         return cls(names, torch.tensor([position[n] for n in adapter_names], dtype=torch.long))
@@ -124,31 +144,6 @@ def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     raise ValueError("A mixed-adapter batch needs a tensor input to find the batch dimension.")
-
-
-def check_batch_size(adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> None:
-    """Raise unless ``adapter_names`` has one entry per sample of the first tensor input (dimension 0).
-
-    Args:
-        adapter_names: One adapter name per sample, or ``None`` (nothing to check).
-        args: Positional inputs of the forward / generate call.
-        kwargs: Keyword inputs of the call.
-
-    Example:
-        >>> check_batch_size(["a", "b"], (), {"input_ids": torch.ones(2, 5, dtype=torch.long)})
-    """
-    if adapter_names is None:
-        return
-    if isinstance(adapter_names, str):
-        raise TypeError(
-            f"adapter_names must be a list with one adapter name per sample, got the string {adapter_names!r}."
-        )
-    rows = first_tensor(args, kwargs).shape[0]
-    if len(adapter_names) != rows:
-        raise ValueError(
-            f"adapter_names has {len(adapter_names)} entries, but the batch has {rows} samples; pass one adapter "
-            f"name per sample ('{BASE_ADAPTER_NAME}' for the base model)."
-        )
 
 
 def affine_parameters(module: nn.Module) -> tuple[list[str], tuple[int, ...]] | None:
@@ -342,13 +337,8 @@ def can_run_linear_per_sample(modules: list[nn.Module], args: tuple, kwargs: dic
 
 def call_with(module: nn.Module, params: dict[str, torch.Tensor | None], args: tuple, kwargs: dict):
     """Run the leaf ``module`` with ``params`` in place of its own parameters (put back afterwards)."""
-    slots = module._parameters
-    saved = dict(slots)
-    try:
-        slots.update(params)
-        return module(*args, **kwargs)
-    finally:
-        slots.update(saved)
+    slots = [(module._parameters, name) for name in params]
+    return call_with_parameters(module, slots, list(params.values()), args, kwargs)
 
 
 def grouped_forward(runs: list[Callable], index: torch.Tensor, args: tuple, kwargs: dict) -> Any:

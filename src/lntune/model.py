@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from lntune.config import LNTuningConfig
 from lntune.layer import LNTuningLayer
-from lntune.mixed_batch import BASE_ADAPTER_NAME, BatchAdapters
+from lntune.mixed_batch import BASE_ADAPTER_NAME, BatchAdapters, first_tensor
 from lntune.modules_to_save import ModulesToSaveWrapper
 from lntune.precision import float_dtype
 from lntune.targets import (
@@ -469,13 +469,21 @@ class LNTuningModel(nn.Module):
                 self.set_adapter(self.active_adapters)  # set_adapter inside the context: gradients follow it
 
     @contextmanager
-    def batch_adapters(self, adapter_names: Sequence[str] | None):
-        """Context in which sample ``i`` of every forward runs ``adapter_names[i]`` (``"__base__"``: none)."""
+    def batch_adapters(self, adapter_names: Sequence[str] | None, rows: int | None = None):
+        """Context in which sample ``i`` of every forward runs ``adapter_names[i]`` (``"__base__"``: none).
+
+        Every check of a mixed batch is made here, before any forward: one name per sample (``rows``, when
+        known), known adapters, nothing merged, no gradient checkpointing while training.
+
+        Args:
+            adapter_names: One adapter name per sample, or None (the active adapter for all).
+            rows: The batch's number of samples (dimension 0 of its first tensor input), if known.
+        """
         if adapter_names is None:
             yield
             return
-        names = list(adapter_names)
-        self._check_adapters([n for n in set(names) if n != BASE_ADAPTER_NAME])
+        batch = BatchAdapters.from_names(adapter_names, rows)
+        self._check_adapters([n for n in batch.names if n != BASE_ADAPTER_NAME])
         modules = [m for _, m in self.tuner_modules()]
         if any(m.merged for m in modules):
             raise ValueError("Cannot use adapter_names while an adapter is merged; call unmerge_adapter() first.")
@@ -485,7 +493,6 @@ class LNTuningModel(nn.Module):
                 "forward after the mixed batch has ended. Call gradient_checkpointing_disable(), or train one "
                 "adapter per batch."
             )
-        batch = BatchAdapters.from_names(names)
         for module in modules:
             module.set_batch_adapters(batch)
         try:
@@ -591,11 +598,19 @@ class LNTuningModel(nn.Module):
         return self._unload_and_optionally_merge(merge=False)
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The model's forward; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none)."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.batch_adapters(adapter_names, first_tensor(args, kwargs).shape[0]):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The model's ``generate``, optionally with one adapter per sample (``adapter_names``)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self.batch_adapters(adapter_names, first_tensor(args, kwargs).shape[0]):
+            return self.model.generate(*args, **kwargs)
 
 
 def tuner_of(model: nn.Module) -> LNTuningModel | None:

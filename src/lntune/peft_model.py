@@ -25,7 +25,6 @@ from lntune.checkpoint import (
 )
 from lntune.config import CONFIG_NAME, LNTuningConfig, TaskType
 from lntune.hub import push_adapter_to_hub
-from lntune.mixed_batch import check_batch_size
 from lntune.model import NOT_IN_LNTUNE, LNTuningModel, restore_on_error
 from lntune.tasks import TASKS, Task
 from lntune.wrapper import AdapterWrapper
@@ -270,17 +269,11 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------------------ forward
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """Run the model; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none)."""
-        if adapter_names is None:
-            return self.base_model(*args, **kwargs)
-        check_batch_size(adapter_names, args, kwargs)
-        with self.base_model.batch_adapters(adapter_names):
-            return self.base_model(*args, **kwargs)
+        return self.base_model(*args, adapter_names=adapter_names, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """``generate`` of the underlying model, optionally with one adapter per sample."""
-        check_batch_size(adapter_names, args, kwargs)
-        with self.base_model.batch_adapters(adapter_names):
-            return self.base_model.generate(*args, **kwargs)
+        return self.base_model.generate(*args, adapter_names=adapter_names, **kwargs)
 
     # ------------------------------------------------------------------ gradient checkpointing
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:

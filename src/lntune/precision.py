@@ -64,16 +64,40 @@ class CastCall:
         ]
 
     def __call__(self, *args, **kwargs):
-        saved = []
-        try:
-            for params, name in self.slots:
-                param = params[name]
-                saved.append(param)
-                params[name] = param.to(self.dtype)
-            return self.module(*args, **kwargs)
-        finally:
-            for (params, name), param in zip(self.slots, saved):
-                params[name] = param
+        cast = [params[name].to(self.dtype) for params, name in self.slots]
+        return call_with_parameters(self.module, self.slots, cast, args, kwargs)
+
+
+def call_with_parameters(
+    module: nn.Module, slots: list[tuple[dict, str]], values: list[torch.Tensor | None], args: tuple, kwargs: dict
+):
+    """``module(*args, **kwargs)`` with ``values[i]`` in parameter slot ``slots[i]`` during the call.
+
+    The module's own forward runs unchanged on the tensors put in its ``_parameters`` slots (cast copies,
+    per-sample stacks); the parameters are put back afterwards, whatever happens.
+
+    Args:
+        module: The module to call.
+        slots: ``(submodule._parameters, name)`` pairs.
+        values: One tensor (or None) per slot.
+        args, kwargs: The call's arguments.
+
+    Returns:
+        The module's output.
+
+    Example:
+        >>> norm = torch.nn.LayerNorm(4)
+        >>> call_with_parameters(norm, [(norm._parameters, "bias")], [torch.ones(4)], (torch.zeros(1, 4),), {})
+        tensor([[1., 1., 1., 1.]], grad_fn=<NativeLayerNormBackward0>)
+    """
+    saved = [params[name] for params, name in slots]
+    try:
+        for (params, name), value in zip(slots, values):
+            params[name] = value
+        return module(*args, **kwargs)
+    finally:
+        for (params, name), value in zip(slots, saved):
+            params[name] = value
 
 
 def runner(module: nn.Module, dtype: torch.dtype | None) -> Callable:
