@@ -1,45 +1,97 @@
 """Forward overhead of the LN tuning wrapper against the bare model, lntune and PEFT side by side.
 
-    python benchmarks/bench_forward.py [--quick] [--threads 1] [--device cpu|cuda]
+    python benchmarks/bench_forward.py [--quick] [--instances 5] [--rounds 21] [--clock cpu]
 
-Shapes: a deep narrow Llama (48 layers, hidden 64) at batch 1 x seq 8, where the per-norm-call cost
-of a wrapper shows most (97 wrapped norms), and a larger one (8 layers, hidden 512, batch 4 x seq 128).
-Variants: the bare model, lntune and PEFT with the adapter active, and both merged. Inference under
-``torch.no_grad()``; targets: lntune within 1% of the bare model, merged within 0.5%. A deep copy of
-the bare model is timed too: how far two identical models differ is the noise floor of the table.
+Shapes: a deep narrow Llama (48 layers, hidden 64, batch 1 x seq 8: 97 wrapped norms, where a
+wrapper's per-call cost shows most) and a larger one (8 layers, hidden 512, batch 4 x seq 128).
+Variants (`timing.forward_variants`): the bare model, lntune and PEFT with the adapter active, both
+merged, and lntune's ``merge_and_unload()``. Inference under ``torch.no_grad()``.
+
+Two copies of the same model differ in speed by a few percent on this CPU, from where their tensors
+landed in memory: one second copy is not a noise floor. So each variant is built ``--instances``
+times (interleaved, every one a deep copy), every instance is timed round-robin with all others, and
+the table gives per variant the median over its instances (of each instance's median), its ratio to
+the bare model's, and the range of its instances' ratios. The bare model's own range is the noise floor. A last table times one call of a norm alone (bare,
+wrapped, wrapped and merged): the wrapper's own cost per call, without the rest of the model.
 """
 
 from __future__ import annotations
 
-from timing import (
-    TIME_HEADERS,
-    forward_variants,
-    interleaved,
-    llama,
-    no_grad_forward,
-    parser,
-    setup,
-    shapes,
-    summarize,
-    table,
-    token_ids,
-)
+import copy
+import statistics
+
+from timing import forward_variants, interleaved, llama, no_grad_forward, parser, setup, shapes, table, token_ids
+
+HEADERS = ["variant", "median ms", "vs bare model", "instances' range", "instances"]
 
 
 def bench_shape(layers: int, hidden: int, batch: int, seq: int, args) -> list[list[str]]:
     base = llama(layers, hidden).to(args.device)
     ids = token_ids(batch, seq, device=args.device)
-    models = forward_variants(base)
-    samples = interleaved({name: no_grad_forward(m, ids) for name, m in models.items()}, args.rounds, args.device)
-    return summarize(samples, baseline="bare model")
+    instances: dict[str, list] = {}
+    for _ in range(args.instances):  # interleaved, so that no variant gets all the early (or late) memory
+        for name, model in forward_variants(base).items():
+            instances.setdefault(name, []).append(model)
+    fns = {(name, i): no_grad_forward(m, ids) for name, models in instances.items() for i, m in enumerate(models)}
+    samples = interleaved(fns, args.rounds, args.device)
+    per_instance = {key: statistics.median(values) for key, values in samples.items()}
+    medians = {name: [per_instance[name, i] for i in range(len(models))] for name, models in instances.items()}
+    bare = statistics.median(medians["bare model"])
+    rows = []
+    for name, values in medians.items():
+        ratios = [v / bare for v in values]
+        rows.append(
+            [
+                name,
+                f"{statistics.median(values) * 1e3:.3f}",
+                f"{statistics.median(values) / bare:.3f}x",
+                f"{min(ratios):.3f}-{max(ratios):.3f}x",
+                str(len(values)),
+            ]
+        )
+    return rows
+
+
+def bench_one_call(args) -> list[list[str]]:
+    """One ``LlamaRMSNorm(64)`` call on a 1 x 8 x 64 input: the bare module, lntune's wrapper, merged."""
+    import torch
+
+    from lntune import LNTuningLayer
+
+    norm = llama(1, 64).model.norm.to(args.device)
+    x = torch.randn(1, 8, 64, device=args.device)
+    wrapped, merged = LNTuningLayer(copy.deepcopy(norm), "default"), LNTuningLayer(copy.deepcopy(norm), "default")
+    wrapped.set_adapter("default")
+    merged.merge(["default"])
+    modules = {"bare module": norm, "lntune layer": wrapped, "lntune layer, merged": merged}
+
+    def call(module):
+        def run() -> None:
+            with torch.no_grad():
+                module(x)
+
+        return run
+
+    samples = interleaved({name: call(module) for name, module in modules.items()}, args.rounds, args.device)
+    bare = statistics.median(samples["bare module"])
+    return [
+        [name, f"{statistics.median(v) * 1e6:.2f} us", f"{statistics.median(v) / bare:.3f}x"]
+        for name, v in samples.items()
+    ]
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--instances", type=int, default=5, help="models built per variant (default 5; quick: 2)")
+    args = p.parse_args()
+    if args.quick:
+        args.instances = min(args.instances, 2)
     setup(args)
     for title, shape in shapes(args).items():
         print(f"### Forward, {title}\n")
-        print(table(TIME_HEADERS, bench_shape(**shape, args=args)) + "\n")
+        print(table(HEADERS, bench_shape(**shape, args=args)) + "\n")
+    print("### One norm call (LlamaRMSNorm(64), input 1 x 8 x 64)\n")
+    print(table(["module", "median per call", "vs bare module"], bench_one_call(args)) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ add), but on a CPU-bound forward of small tensors they follow it closely. Needs 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import shutil
@@ -42,7 +43,7 @@ def measure(args: argparse.Namespace) -> None:
     layers = 12 if args.quick else 48
     base = llama(layers, 64)
     ids = token_ids(1, 8)
-    variants = forward_variants(base)
+    variants = {"bare model, a copy": copy.deepcopy(base), **forward_variants(base)}
     with torch.no_grad():
         for name, model in variants.items():
             for _ in range(3):  # warm-up: first calls fill caches

@@ -152,17 +152,17 @@ def peft_model(base: torch.nn.Module, **kwargs) -> torch.nn.Module:
 
 
 def forward_variants(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The models the forward benchmarks compare: bare, a copy of it (the noise floor: the same model
-    elsewhere in memory), lntune and PEFT with the adapter active, and both merged."""
+    """The models the forward benchmarks compare, each a deep copy of ``base``: the bare model, lntune and
+    PEFT with the adapter active, both merged, and lntune's ``merge_and_unload()`` (a plain model again)."""
     merged = {"lntune merged": lntune_model(base), "PEFT merged": peft_model(base)}
     for model in merged.values():
         model.merge_adapter()
     return {
-        "bare model": base,
-        "bare model, a copy": copy.deepcopy(base),
+        "bare model": copy.deepcopy(base),
         "lntune": lntune_model(base),
         "PEFT": peft_model(base),
         **merged,
+        "lntune merge_and_unload": lntune_model(base).merge_and_unload(),
     }
 
 
