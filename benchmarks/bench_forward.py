@@ -11,9 +11,9 @@ Two copies of the same model differ in speed by a few percent on this CPU, from 
 landed in memory: one second copy is not a noise floor. So each variant is built ``--instances``
 times (interleaved, every one a deep copy), every instance is timed round-robin with all others, and
 the table gives per variant the median over its instances (of each instance's median), its ratio to
-the bare model's, and the range of its instances' ratios. The bare model's own range is the noise floor.
-A last table times one call of a norm alone (bare,
-wrapped, wrapped and merged): the wrapper's own cost per call, without the rest of the model.
+the bare model's, and the range of its instances' ratios. The bare model's own range is the noise
+floor. A last table times one call of a norm alone (bare, wrapped, wrapped and merged): the wrapper's
+own cost per call, without the rest of the model.
 """
 
 from __future__ import annotations
