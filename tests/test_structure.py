@@ -29,7 +29,8 @@ def import_graph() -> dict[str, set[str]]:
                 candidates = [alias.name for alias in node.names]
             else:
                 continue
-            imported |= {c for c in candidates if c in modules and c != name}
+            # A module's own packages are initialised before it runs: importing from them is no circle.
+            imported |= {c for c in candidates if c in modules and c != name and not name.startswith(c + ".")}
         # Importing a.b.c runs the packages a and a.b too (except the importer's own packages).
         for target in list(imported):
             parts = target.split(".")

@@ -19,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lntune.serve import completions as generation
+from lntune.serve import encoders
 from lntune.serve.errors import APIError
 from lntune.serve.schemas import (
     AdapterLoadRequest,
@@ -180,15 +182,15 @@ def create_app(service: ServingService) -> FastAPI:
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(request: EmbeddingRequest) -> EmbeddingResponse:
-        return await service.embeddings(request)
+        return await encoders.embeddings(service, request)
 
     @app.post("/v1/classify", response_model=ClassifyResponse)
     async def classify(request: ClassifyRequest) -> ClassifyResponse:
-        return await service.classify(request)
+        return await encoders.classify(service, request)
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(request: CompletionRequest) -> CompletionResponse:
-        return await service.completions(request)
+        return await generation.completions(service, request)
 
     @app.post("/v1/adapters", response_model=AdapterStatus)
     async def load_adapter(request: AdapterLoadRequest) -> AdapterStatus:

@@ -1,20 +1,20 @@
-"""`ServingService`: what each endpoint does, between the HTTP layer and the worker.
+"""`ServingService`: the state of one server, shared by its endpoints, and the shared request steps.
 
-A request is checked (task, options, input sizes), its adapter found in the catalog (404/400 before
-anything is queued), its texts tokenized (here, on the event loop: the worker only pads), then queued as
-one work item per text; the response is built from the items' results.
+It holds the catalog, the resident adapters, the worker and the metrics, and answers the endpoints
+every task has (``/v1/models``, ``/v1/adapters``). The task endpoints live in `lntune.serve.encoders`
+(embeddings, classification) and `lntune.serve.completions`: a request is checked (task, options,
+input sizes), its adapter found in the catalog (404/400 before anything is queued), its texts
+tokenized (on the event loop: the worker only pads), then queued as one work item per text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
-import uuid
 
 from lntune.loading import load_tokenizer
 from lntune.serve.batcher import Batcher, WorkItem
-from lntune.serve.catalog import AdapterCatalog, AdapterSource, label_names
+from lntune.serve.catalog import AdapterCatalog, AdapterSource
 from lntune.serve.config import ServeConfig
 from lntune.serve.engine import Engine, Sampling
 from lntune.serve.errors import APIError, bad_request
@@ -24,19 +24,8 @@ from lntune.serve.registry import AdapterRegistry
 from lntune.serve.schemas import (
     AdapterLoadRequest,
     AdapterStatus,
-    ClassifyData,
-    ClassifyRequest,
-    ClassifyResponse,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    CompletionUsage,
-    EmbeddingData,
-    EmbeddingRequest,
-    EmbeddingResponse,
     ModelCard,
     ModelList,
-    Usage,
 )
 from lntune.tasks import TASKS, task_named
 
@@ -49,7 +38,7 @@ def _eos_ids(tokenizer) -> list[int]:
 
 
 class ServingService:
-    """The server's state (catalog, resident adapters, worker) and one method per endpoint.
+    """The server's state (catalog, resident adapters, worker, metrics) and the steps its endpoints share.
 
     Args:
         config: The server's settings.
@@ -60,8 +49,8 @@ class ServingService:
     Example:
         >>> service = ServingService.from_config(config, tokenizer)
         >>> service.start()
-        >>> (await service.embeddings(EmbeddingRequest(model="my-adapter", input="hello"))).data[0].index
-        0
+        >>> [card.id for card in service.models().data]
+        ['all-MiniLM-L6-v2', 'lntune-output']
     """
 
     def __init__(self, config: ServeConfig, tokenizer, engine: Engine, metrics: ServerMetrics | None = None) -> None:
@@ -99,66 +88,6 @@ class ServingService:
         cards += [ModelCard(id=n, created=self.created, root=base, parent=base) for n in self.catalog.names()]
         return ModelList(data=cards)
 
-    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
-        """``POST /v1/embeddings``: one pooled embedding per input."""
-        self._require_endpoint("/v1/embeddings")
-        if request.dimensions is not None:
-            raise bad_request("dimensions is not supported: embeddings have the model's size.", param="dimensions")
-        source = self.catalog.resolve(request.model)
-        ids = self._tokenize(self._texts(request.input, "input"), "input")
-        vectors = await self._run(source, ids)
-        data = [EmbeddingData(index=i, embedding=_encode(v, request.encoding_format)) for i, v in enumerate(vectors)]
-        tokens = sum(len(x) for x in ids)
-        return EmbeddingResponse(data=data, model=request.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
-
-    async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
-        """``POST /v1/classify``: class probabilities and the most likely label per input."""
-        self._require_endpoint("/v1/classify")
-        source = self.catalog.resolve(request.model)
-        if source is None and not self.engine.base_has_head:
-            raise bad_request(
-                f"The base model '{request.model}' has no trained classification head (its folder has none); "
-                "name an adapter in 'model' (GET /v1/models lists them).",
-                param="model",
-                code="no_classification_head",
-            )
-        ids = self._tokenize(self._texts(request.input, "input"), "input")
-        all_probs = await self._run(source, ids)
-        data = []
-        for i, probs in enumerate(all_probs):
-            labels = label_names(len(probs), self.engine.base_labels, source and source.labels)
-            label = labels[int(probs.argmax())]
-            data.append(ClassifyData(index=i, label=label, probs=probs.tolist(), num_classes=len(probs)))
-        tokens = sum(len(x) for x in ids)
-        return ClassifyResponse(
-            id=f"classify-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=request.model,
-            data=data,
-            usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
-        )
-
-    async def completions(self, request: CompletionRequest) -> CompletionResponse:
-        """``POST /v1/completions``: one completion per prompt (greedy at temperature 0)."""
-        self._require_endpoint("/v1/completions")
-        sampling, max_tokens, stops = self._completion_options(request)
-        source = self.catalog.resolve(request.model)
-        ids = self._tokenize(self._texts(request.prompt, "prompt"), "prompt")
-        outputs = await self._run(source, ids, sampling, max_tokens)
-        choices, generated = [], 0
-        for i, (tokens, ended) in enumerate(outputs):
-            generated += len(tokens)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((p for p in (text.find(s) for s in stops) if p >= 0), default=-1)
-            if cut >= 0:
-                text, ended = text[:cut], True
-            choices.append(CompletionChoice(text=text, index=i, finish_reason="stop" if ended else "length"))
-        prompt = sum(len(x) for x in ids)
-        usage = CompletionUsage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
-        return CompletionResponse(
-            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model, choices=choices, usage=usage
-        )
-
     async def load_adapter(self, request: AdapterLoadRequest) -> AdapterStatus:
         """``POST /v1/adapters``: load (or replace) an adapter now; on failure the previous state stays."""
         before = self.catalog.snapshot(request.name)
@@ -177,7 +106,8 @@ class ServingService:
         return AdapterStatus(id=name, resident=False)
 
     # ----------------------------------------------------------------------------- helpers
-    def _require_endpoint(self, endpoint: str) -> None:
+    def require_endpoint(self, endpoint: str) -> None:
+        """Refuse (400, ``wrong_endpoint``) an endpoint this server's task does not serve, naming the task that does."""
         if endpoint not in self.task.endpoints:
             serving = next(name for name, task in TASKS.items() if endpoint in task.endpoints)
             raise bad_request(
@@ -186,7 +116,8 @@ class ServingService:
                 code="wrong_endpoint",
             )
 
-    def _texts(self, value: str | list[str], param: str) -> list[str]:
+    def texts(self, value: str | list[str], param: str) -> list[str]:
+        """The request's texts (``input`` or ``prompt``) as a list, checked: not empty, not too many."""
         texts = [value] if isinstance(value, str) else list(value)
         if not texts:
             raise bad_request(f"{param} must not be empty.", param=param)
@@ -199,7 +130,8 @@ class ServingService:
                 raise bad_request(f"{param}[{i}] is an empty string.", param=param)
         return texts
 
-    def _tokenize(self, texts: list[str], param: str) -> list[list[int]]:
+    def tokenize(self, texts: list[str], param: str) -> list[list[int]]:
+        """Token ids of each text; a text longer than ``--max-length`` tokens is refused with 400."""
         ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         for i, tokens in enumerate(ids):
             if len(tokens) > self.config.max_length:
@@ -211,54 +143,9 @@ class ServingService:
                 )
         return ids
 
-    def _completion_options(self, request: CompletionRequest) -> tuple[Sampling, int, list[str]]:
-        refused = {
-            "n": request.n not in (None, 1),
-            "stream": bool(request.stream),
-            "echo": bool(request.echo),
-            "logprobs": request.logprobs is not None,
-            "best_of": request.best_of not in (None, 1),
-            "seed": request.seed is not None,
-            "suffix": request.suffix is not None,
-            "presence_penalty": bool(request.presence_penalty),
-            "frequency_penalty": bool(request.frequency_penalty),
-            "logit_bias": bool(request.logit_bias),
-        }
-        for name, bad in refused.items():
-            if bad:
-                raise bad_request(
-                    f"{name} is not supported by lntune serve (one completion per prompt, no streaming, no "
-                    "logprobs, no penalties, no per-request seed); leave it unset.",
-                    param=name,
-                    code="unsupported_parameter",
-                )
-        temperature = 1.0 if request.temperature is None else request.temperature
-        top_p = 1.0 if request.top_p is None else request.top_p
-        if not 0 <= temperature <= 2:
-            raise bad_request(f"temperature must be between 0 and 2, got {temperature}.", param="temperature")
-        if not 0 < top_p <= 1:
-            raise bad_request(f"top_p must be in (0, 1], got {top_p}.", param="top_p")
-        max_tokens = 16 if request.max_tokens is None else request.max_tokens
-        if not 1 <= max_tokens <= self.config.max_length:
-            raise bad_request(
-                f"max_tokens must be between 1 and --max-length {self.config.max_length}, got {max_tokens}.",
-                param="max_tokens",
-            )
-        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        if len(stops) > _MAX_STOP or not all(stops):
-            raise bad_request(f"stop takes at most {_MAX_STOP} non-empty strings.", param="stop")
-        sampling = Sampling() if temperature == 0 else Sampling(temperature, top_p)
-        return sampling, max_tokens, stops
-
-    async def _run(
+    async def run(
         self, source: AdapterSource | None, ids: list[list[int]], sampling: Sampling | None = None, budget: int = 0
     ) -> list:
+        """Queue one work item per token list (with ``sampling``: generation) and wait for all results."""
         loop = asyncio.get_running_loop()
         return await self.batcher.submit([WorkItem(source, x, loop.create_future(), sampling, budget) for x in ids])
-
-
-def _encode(vector, encoding_format: str) -> list[float] | str:
-    """An embedding as floats, or as base64 of little-endian float32 (what OpenAI's client asks for)."""
-    if encoding_format == "base64":
-        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()
