@@ -181,3 +181,30 @@ def test_adapters_without_autocast_follow_the_model_dtype():
         assert {p.dtype for n, p in params.items() if f".ln_tuning_layers.{adapter}." in n} == {dtype}, adapter
     model.to(torch.float64)  # a cast to a wider type applies to every adapter
     assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_inference_casts_each_float32_adapter_once_until_it_changes():
+    norm = torch.nn.LayerNorm(4)
+    call = CastCall(norm, torch.bfloat16)
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = call(x)
+        kept = list(call._kept)
+        again = call(x)
+    assert all(a is b for a, b in zip(kept, call._kept))  # no new cast: the same tensors
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    with torch.no_grad():
+        norm.weight.mul_(2.0)  # an in-place change (optimizer step, hot-swap, load) bumps the version
+        changed = call(x)
+    assert not any(a is b for a, b in zip(kept, call._kept))
+    torch.testing.assert_close(
+        changed, torch.nn.functional.layer_norm(x, (4,), norm.weight.bfloat16(), norm.bias.bfloat16())
+    )
+    with torch.inference_mode():
+        call(x)
+    norm.weight.data = torch.ones(4)  # a new storage
+    with torch.no_grad():
+        torch.testing.assert_close(call(x), torch.nn.functional.layer_norm(x, (4,), None, norm.bias.bfloat16()))
+    out = call(x.requires_grad_())  # with autograd: cast in the graph, gradients reach the float32 parameters
+    out.sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32

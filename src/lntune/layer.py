@@ -96,10 +96,7 @@ class LNTuningLayer(AdapterWrapper):
         module = self.original_module
         return "per-sample" if affine_parameters(module) and broadcasts_per_sample(module) else "grouped"
 
-    def _mixed_forward(self, batch: BatchAdapters, *args, **kwargs):
-        modules = batch.modules_of(self)
-        if all(m is modules[0] for m in modules):
-            return self.runner_for(modules[0])(*args, **kwargs)
+    def _mixed_forward(self, batch: BatchAdapters, modules: list[nn.Module], args: tuple, kwargs: dict):
         x = first_tensor(args, kwargs)
         index = batch.index_for(x)
         affine = per_sample_affine(self.original_module, args, kwargs)

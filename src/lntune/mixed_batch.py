@@ -45,11 +45,50 @@ class HasModuleFor(Protocol):
 
 @dataclass(eq=False)
 class BatchAdapters:
-    """The adapter of each sample: ``names`` (unique, first-seen order) and ``index[i]`` into them."""
+    """The adapter of each sample (or of each token): ``names`` (unique) and ``index[i]`` into them.
+
+    Per sample (the default), ``index`` has one entry per sample: dimension 0 of every input. Per token
+    (``per_token=True``), it has one entry per token: the first two dimensions of the inputs (batch and
+    sequence) flattened, as in the packed row ``(1, T)`` of continuous batching or packed training.
+    """
 
     names: list[str]
     index: torch.Tensor
+    per_token: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_token_index(cls, names: Sequence[str], index: torch.Tensor) -> BatchAdapters:
+        """Token ``t`` (of the flattened batch and sequence dimensions) runs adapter ``names[index[t]]``.
+
+        Args:
+            names: Adapter names (``"__base__"``: none), for example one per packed sequence (repeats allowed).
+            index: Integer tensor with one entry per token, any shape (it is flattened): an index into ``names``.
+
+        Example:
+            >>> BatchAdapters.from_token_index(["a", "b"], torch.tensor([[0, 0, 1, 1, 1]])).per_token
+            True
+        """
+        distinct = list(dict.fromkeys(names))
+        if len(distinct) < len(names):  # one entry per packed sequence, say: map repeated names to one
+            position = {name: i for i, name in enumerate(distinct)}
+            index = torch.tensor([position[n] for n in names], dtype=torch.long)[index.reshape(-1).long()]
+        batch = cls([], torch.empty(0, dtype=torch.long), per_token=True)
+        batch.update(distinct, index)
+        return batch
+
+    def update(self, names: Sequence[str], index: torch.Tensor) -> None:
+        """New contents for the next forwards; the object set on the wrappers stays, so no wrapper is touched.
+
+        Continuous batching keeps one per-token `BatchAdapters` on the model and updates it before each step.
+        """
+        index = index.reshape(-1).to(torch.long)
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must be distinct, got {list(names)}.")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(names)):
+            raise ValueError(f"adapter index values must be in [0, {len(names)}), got {index.min()}..{index.max()}.")
+        self.names, self.index = list(names), index
+        self._cache.clear()
 
     @classmethod
     def from_names(cls, adapter_names: Sequence[str], rows: int | None = None) -> BatchAdapters:
@@ -83,8 +122,23 @@ class BatchAdapters:
             self._cache[key] = [wrapper.module_for(name) for name in self.names]
         return self._cache[key]
 
+    def check_tokens(self, x: torch.Tensor) -> None:
+        """Per token: raise a clear error unless ``x``'s batch and sequence dimensions hold one row per token."""
+        tokens = self.index.numel()
+        if x.dim() < 2 or x.shape[0] * x.shape[1] != tokens:
+            raise ValueError(
+                f"The per-token adapter index covers {tokens} tokens, but a tuned module received an input of shape "
+                f"{tuple(x.shape)}. Per-token adapters need every tuned module to see every token (batch and sequence "
+                "first); a head that sees a subset of the tokens (an LM head under logits_to_keep) cannot follow "
+                "them: keep it out of modules_to_save, or use one adapter per sample."
+            )
+
     def index_for(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row adapter index for ``x``; rows may be repeated per sample (beams, returned sequences)."""
+        """Per-row adapter index for ``x``; rows may be repeated per sample (beams, returned sequences).
+
+        Per token, ``x`` comes with its batch and sequence dimensions flattened into rows (see
+        `lntune.wrapper.AdapterWrapper`): one row per token.
+        """
         rows, samples = x.shape[0], self.index.numel()
         key = ("rows", x.device, rows)
         if key not in self._cache:

@@ -469,20 +469,36 @@ class LNTuningModel(nn.Module):
                 self.set_adapter(self.active_adapters)  # set_adapter inside the context: gradients follow it
 
     @contextmanager
-    def batch_adapters(self, adapter_names: Sequence[str] | None, rows: int | None = None):
-        """Context in which sample ``i`` of every forward runs ``adapter_names[i]`` (``"__base__"``: none).
+    def batch_adapters(
+        self, adapter_names: Sequence[str] | None, rows: int | None = None, token_index: torch.Tensor | None = None
+    ) -> Iterator[BatchAdapters | None]:
+        """Context in which sample ``i`` of every forward runs ``adapter_names[i]`` (``"__base__"``: none), or,
+        with ``token_index``, token ``t`` runs ``adapter_names[token_index[t]]``.
 
         Every check of a mixed batch is made here, before any forward: one name per sample (``rows``, when
         known), known adapters, nothing merged, no gradient checkpointing while training.
 
         Args:
-            adapter_names: One adapter name per sample, or None (the active adapter for all).
+            adapter_names: One adapter name per sample (or per packed sequence, with ``token_index``), or None
+                (the active adapter for all).
             rows: The batch's number of samples (dimension 0 of its first tensor input), if known.
+            token_index: Per token (batch and sequence dimensions, flattened): an index into ``adapter_names``.
+
+        Returns:
+            A context yielding the `BatchAdapters` set on the wrappers (None without ``adapter_names``); its
+            ``update`` changes what the next forwards run without touching the wrappers.
+
+        Example:
+            >>> with tuner.batch_adapters(["a", "b"], token_index=torch.tensor([[0, 0, 0, 1, 1]])):
+            ...     tuner(input_ids=packed_ids, position_ids=positions)
         """
         if adapter_names is None:
-            yield
+            yield None
             return
-        batch = BatchAdapters.from_names(adapter_names, rows)
+        if token_index is None:
+            batch = BatchAdapters.from_names(adapter_names, rows)
+        else:
+            batch = BatchAdapters.from_token_index(adapter_names, token_index)
         self._check_adapters([n for n in batch.names if n != BASE_ADAPTER_NAME])
         modules = [m for _, m in self.tuner_modules()]
         if any(m.merged for m in modules):
@@ -496,7 +512,7 @@ class LNTuningModel(nn.Module):
         for module in modules:
             module.set_batch_adapters(batch)
         try:
-            yield
+            yield batch
         finally:
             for module in modules:
                 module.set_batch_adapters(None)
@@ -598,11 +614,28 @@ class LNTuningModel(nn.Module):
         return self._unload_and_optionally_merge(merge=False)
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """The model's forward; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none)."""
+    def forward(
+        self,
+        *args,
+        adapter_names: Sequence[str] | None = None,
+        adapter_token_index: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """The model's forward; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none).
+
+        With ``adapter_token_index`` (an integer tensor of the inputs' batch x sequence shape), token ``t``
+        runs ``adapter_names[adapter_token_index[t]]``: packed sequences (``DataCollatorWithFlattening``) each
+        with their own adapter.
+        """
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self.batch_adapters(adapter_names, first_tensor(args, kwargs).shape[0]):
+        x = first_tensor(args, kwargs)
+        if adapter_token_index is not None and (x.dim() < 2 or adapter_token_index.numel() != x.shape[0] * x.shape[1]):
+            raise ValueError(
+                f"adapter_token_index has {adapter_token_index.numel()} entries, but the inputs have shape "
+                f"{tuple(x.shape)}: pass one entry per token (batch x sequence)."
+            )
+        with self.batch_adapters(adapter_names, x.shape[0], adapter_token_index):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):

@@ -51,10 +51,7 @@ class ModulesToSaveWrapper(AdapterWrapper):
     def _active_module(self) -> nn.Module:
         return self.module_for(self._active_adapter[0]) if self._active_adapter else self.original_module
 
-    def _mixed_forward(self, batch: BatchAdapters, *args, **kwargs):
-        modules = batch.modules_of(self)
-        if all(m is modules[0] for m in modules):
-            return self.runner_for(modules[0])(*args, **kwargs)
+    def _mixed_forward(self, batch: BatchAdapters, modules: list[nn.Module], args: tuple, kwargs: dict):
         index = batch.index_for(first_tensor(args, kwargs))
         if not can_run_linear_per_sample(modules, args, kwargs):
             return grouped_forward([self.runner_for(m) for m in modules], index, args, kwargs)

@@ -268,7 +268,11 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """Run the model; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none)."""
+        """Run the model; ``adapter_names[i]`` picks sample ``i``'s adapter (``"__base__"``: none).
+
+        ``adapter_token_index`` (a keyword argument) makes the choice per token instead: see
+        `LNTuningModel.forward` (packed sequences, each with its own adapter).
+        """
         return self.base_model(*args, adapter_names=adapter_names, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):

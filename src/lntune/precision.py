@@ -41,7 +41,9 @@ class CastCall:
     The cast tensors are put in the modules' ``_parameters`` slots and the parameters put back after
     the call, so the module's own forward runs unchanged; the cast is an autograd op, so gradients
     flow to the stored parameters. This costs one ``.to()`` per parameter (about 3 us on CPU), much
-    less than ``torch.func.functional_call``.
+    less than ``torch.func.functional_call``. Without autograd (inference, decoding) the cast copies
+    are kept and reused until a parameter changes (its storage or its version counter: an optimizer
+    step, a hot-swap, a load), so a decode step launches no cast kernels.
 
     Args:
         module: The module to run.
@@ -62,10 +64,25 @@ class CastCall:
             for name, param in sub._parameters.items()
             if param is not None and param.is_floating_point() and param.dtype != dtype
         ]
+        self._kept: list[torch.Tensor] = []
+        self._kept_of: list[tuple] = []
 
     def __call__(self, *args, **kwargs):
-        cast = [params[name].to(self.dtype) for params, name in self.slots]
+        params = [slots[name] for slots, name in self.slots]
+        if torch.is_grad_enabled():
+            cast = [param.to(self.dtype) for param in params]
+        else:
+            cast = self._kept_casts(params)
         return call_with_parameters(self.module, self.slots, cast, args, kwargs)
+
+    def _kept_casts(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The casts of ``params``, made again only when one of them changed since they were made."""
+        of = [(p, p.data_ptr(), p._version) for p in params]
+        if len(of) != len(self._kept_of) or any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(of, self._kept_of)):
+            with torch.inference_mode(False):  # usable later outside inference mode, too
+                self._kept = [param.detach().to(self.dtype) for param in params]
+            self._kept_of = of
+        return self._kept
 
 
 def call_with_parameters(

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lntune.fast_call import direct_call_allowed
-from lntune.mixed_batch import BatchAdapters
+from lntune.mixed_batch import BatchAdapters, first_tensor
 from lntune.precision import LOW_PRECISION, float_dtype, runner, upcast_parameters
 
 
@@ -39,7 +39,8 @@ class AdapterWrapper(nn.Module):
     """Base class of the two wrappers: a module's original plus one copy per adapter.
 
     Subclasses name their two slots (``_base_slot`` and ``adapter_layer_names[0]``) and choose the
-    module a plain forward runs (`_active_module`) and how a mixed-adapter batch runs (`_mixed_forward`).
+    module a plain forward runs (`_active_module`) and how a batch with one adapter per row runs
+    (`_mixed_forward`); `_mixed_call` turns tokens into rows for per-token batches.
 
     Args:
         module: The module to wrap; it stays unchanged in the base slot.
@@ -204,9 +205,29 @@ class AdapterWrapper(nn.Module):
         """The module a plain forward runs now, or ``None`` if the active adapters cannot run together."""
         raise NotImplementedError
 
-    def _mixed_forward(self, batch: BatchAdapters, *args, **kwargs):
-        """Forward with one adapter per sample (see `lntune.mixed_batch`)."""
+    def _mixed_forward(self, batch: BatchAdapters, modules: list[nn.Module], args: tuple, kwargs: dict):
+        """Forward with one adapter per row (see `lntune.mixed_batch`): ``modules[batch.index[row]]`` runs each row."""
         raise NotImplementedError
+
+    def _mixed_call(self, batch: BatchAdapters, *args, **kwargs):
+        """A forward of ``batch``: one adapter per sample, or per token (rows are then the flattened tokens)."""
+        modules = batch.modules_of(self)
+        if all(m is modules[0] for m in modules):
+            return self.runner_for(modules[0])(*args, **kwargs)
+        if not batch.per_token:
+            return self._mixed_forward(batch, modules, args, kwargs)
+        x = first_tensor(args, kwargs)
+        batch.check_tokens(x)
+        if any(True for _ in self.original_module.children()):
+            raise ValueError(
+                f"A {type(self.original_module).__name__} module cannot follow per-token adapters: it is not a leaf "
+                "module, so its tokens may interact (an attention block). Target leaf modules (norms, linear layers) "
+                "for per-token adapters, or use one adapter per sample."
+            )
+        lead = tuple(x.shape[:2])
+        rows = tuple(_tokens_as_rows(a, lead) for a in args)
+        out = self._mixed_forward(batch, modules, rows, {k: _tokens_as_rows(v, lead) for k, v in kwargs.items()})
+        return _rows_as_tokens(out, lead)
 
     def _refresh(self) -> None:
         """Recompute the compute dtype and what forward runs, after modules or dtypes changed."""
@@ -218,7 +239,7 @@ class AdapterWrapper(nn.Module):
         if self._disable_adapters:
             fn = self.runner_for(self.original_module)
         elif self._batch_adapters is not None:
-            fn = functools.partial(self._mixed_forward, self._batch_adapters)
+            fn = functools.partial(self._mixed_call, self._batch_adapters)
         else:
             module = self._active_module()
             fn = self._raise_multiple_active if module is None else self.runner_for(module)
@@ -283,6 +304,22 @@ class AdapterWrapper(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._refresh()
+
+
+def _tokens_as_rows(value, lead: tuple[int, int]):
+    """A tensor whose first two dimensions are ``lead`` (batch, sequence) with them flattened into rows."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == lead:
+        return value.reshape(-1, *value.shape[2:])
+    return value
+
+
+def _rows_as_tokens(value, lead: tuple[int, int]):
+    """Undo `_tokens_as_rows` on an output (a tensor, or tensors in a tuple/list)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(*lead, *value.shape[1:])
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_as_tokens(v, lead) for v in value)
+    return value
 
 
 def walk_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
