@@ -549,11 +549,12 @@ def test_completion_options(completion):
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
     sampled = client.completions.create(model="lm-a", prompt=TEXTS[0], max_tokens=4, temperature=0.8, top_p=0.9)
     assert sampled.usage.completion_tokens <= 4
-    for unsupported in [dict(n=2), dict(logprobs=1), dict(echo=True), dict(seed=1), dict(max_tokens=0)]:
+    for unsupported in [dict(logprobs=1), dict(echo=True), dict(seed=1), dict(max_tokens=0), dict(n=99)]:
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="lm-a", prompt="hi", **unsupported)
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="lm-a", prompt="hi", stream=True)
+    two = client.completions.create(model="lm-a", prompt=[TEXTS[0], TEXTS[1]], n=2, max_tokens=8, temperature=0)
+    expected = [reference("lm-a", TEXTS[0], 8)] * 2 + [reference("lm-a", TEXTS[1], 8)] * 2
+    assert [c.text for c in two.choices] == expected and [c.index for c in two.choices] == [0, 1, 2, 3]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="lm-z", prompt="hi")
 

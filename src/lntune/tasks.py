@@ -64,7 +64,7 @@ TASKS: dict[str, Task] = {
             "AutoModelForCausalLM",
             generates=True,
             trainable=True,
-            endpoints=("/v1/completions",),
+            endpoints=("/v1/completions", "/v1/chat/completions"),
         ),
         Task(
             "feature-extraction", TaskType.FEATURE_EXTRACTION, "AutoModel", embeds=True, endpoints=("/v1/embeddings",)

@@ -12,7 +12,8 @@ from lntune.serve.config import DEFAULT_ADAPTERS, ServeConfig
 from lntune.tasks import SERVED_TASKS
 
 #: The options that are `lntune.serve.config.ServeConfig` fields of the same name.
-_SETTINGS = ("max_batch_size", "max_wait_ms", "max_resident", "max_length", "api_key")
+_SETTINGS = ("max_batch_size", "max_wait_ms", "max_resident", "max_length", "api_key", "max_batch_tokens",
+             "kv_cache_tokens", "continuous_batching")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="N",
         help="most tokens per input; longer ones are refused (default: the model's)",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        metavar="N",
+        help="generation: most tokens packed into one engine step (default: 256 on a CPU, 4096 on a GPU)",
+    )
+    parser.add_argument(
+        "--kv-cache-tokens",
+        type=positive_int,
+        metavar="N",
+        help="generation: KV cache capacity in tokens (default: 16384 on a CPU; sized from free memory on a GPU)",
+    )
+    parser.add_argument(
+        "--no-continuous-batching",
+        dest="continuous_batching",
+        action="store_false",
+        help="generation in static batches (one generate per batch) instead of continuous batching",
     )
     parser.add_argument(
         "--api-key",

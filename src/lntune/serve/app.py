@@ -1,7 +1,8 @@
 """The FastAPI app of ``lntune serve``: routes, OpenAI-style errors, API key, body-size limit, metrics.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/embeddings``, ``POST /v1/classify``,
-``POST /v1/completions``, ``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``, ``GET /metrics``.
+``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``,
+``GET /metrics``.
 With an API key, every ``/v1/`` request needs ``Authorization: Bearer <key>`` (``/health`` and
 ``/metrics`` stay open for probes and scrapers).
 """
@@ -25,6 +26,8 @@ from lntune.serve.errors import APIError
 from lntune.serve.schemas import (
     AdapterLoadRequest,
     AdapterStatus,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     ClassifyRequest,
     ClassifyResponse,
     CompletionRequest,
@@ -35,7 +38,16 @@ from lntune.serve.schemas import (
 )
 from lntune.serve.service import ServingService
 
-_ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/embeddings", "/v1/classify", "/v1/completions", "/v1/adapters"}
+_ENDPOINTS = {
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/embeddings",
+    "/v1/classify",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/adapters",
+}
 _HTTP_TYPES = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error"}
 
 
@@ -189,8 +201,12 @@ def create_app(service: ServingService) -> FastAPI:
         return await encoders.classify(service, request)
 
     @app.post("/v1/completions", response_model=CompletionResponse)
-    async def completions(request: CompletionRequest) -> CompletionResponse:
-        return await generation.completions(service, request)
+    async def completions(request: CompletionRequest, http: Request) -> Response:
+        return await generation.completions(service, request, http)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
+        return await generation.chat_completions(service, request, http)
 
     @app.post("/v1/adapters", response_model=AdapterStatus)
     async def load_adapter(request: AdapterLoadRequest) -> AdapterStatus:

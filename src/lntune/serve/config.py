@@ -49,6 +49,10 @@ class ServeConfig:
         api_key: If set, ``/v1/*`` requests need ``Authorization: Bearer <api_key>``.
         max_body_bytes: Largest request body accepted.
         max_inputs: Most inputs in one request.
+        continuous_batching: Generation through Transformers' continuous batching (else static batches).
+        max_batch_tokens: Generation: most tokens packed into one engine step (default: 256 on a CPU, 4096 on a GPU).
+        kv_cache_tokens: Generation: KV cache capacity in tokens (default: 16384 on a CPU; on a GPU the engine sizes
+            it from free memory).
 
     Example:
         >>> ServeConfig("path/to/model", "model", Path("adapters"), "feature-extraction")
@@ -65,6 +69,9 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     max_inputs: int = MAX_INPUTS
+    continuous_batching: bool = True
+    max_batch_tokens: int | None = None
+    kv_cache_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in SERVED_TASKS:

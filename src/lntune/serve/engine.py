@@ -13,8 +13,10 @@ model's tensors (shared, not copied); only the head differs.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +142,8 @@ class Engine:
         self.base_labels = dict(model.config.id2label) if classifies else {}
         self._frozen = dict(model.named_parameters()) if classifies else {}
         self.slots: dict[SlotKey, ModelSlot] = {self.primary_key: ModelSlot(model)}
+        #: Entered around every adapter load and unload: continuous batching pauses its engine there.
+        self.exclusive: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     # ----------------------------------------------------------------------------- adapters
     def slot_key(self, num_labels: int | None) -> SlotKey:
@@ -160,11 +164,13 @@ class Engine:
 
     def load(self, key: SlotKey, folder: str, adapter_name: str) -> None:
         """Load an adapter folder as ``adapter_name`` into the model ``key``."""
-        self._slot(key).load(folder, adapter_name)
+        with self.exclusive():
+            self._slot(key).load(folder, adapter_name)
 
     def unload(self, key: SlotKey, adapter_name: str) -> None:
         """Unload ``adapter_name`` from the model ``key``."""
-        self.slots[key].delete(adapter_name)
+        with self.exclusive():
+            self.slots[key].delete(adapter_name)
 
     # ------------------------------------------------------------------------------ batches
     @torch.inference_mode()

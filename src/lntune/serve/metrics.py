@@ -54,3 +54,24 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The metrics in Prometheus' text format."""
         return generate_latest(self.registry)
+
+
+class GenerationMetrics:
+    """The generation engine's metrics, in a server's registry: requests running, engine restarts, failures.
+
+    Args:
+        registry: The server's `ServerMetrics.registry`.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.running = Gauge(
+            "lntune_generation_running_requests", "Completion and chat requests being answered now.", registry=registry
+        )
+        self.restarts = Counter(
+            "lntune_generation_engine_restarts",
+            "Restarts of the continuous-batching engine after a step failed.",
+            registry=registry,
+        )
+        self.failed = Counter(
+            "lntune_generation_failed_requests", "Requests failed by a generation step that raised.", registry=registry
+        )

@@ -6,13 +6,17 @@ is loaded beside the old one, which is unloaded only once the new one loaded (so
 leaves the old one serving). Beyond ``--max-resident`` the least recently used adapter not needed by the
 current batch is unloaded. A failed load is remembered for that version of the files, so a broken
 adapter fails its requests at once instead of being re-read for each one.
+
+Requests that outlive one forward (generation under continuous batching) pin their adapter: a pinned
+adapter is never evicted, and an adapter replaced or removed while pinned stays loaded until its last
+request ends (`pin`, `unpin`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -56,6 +60,8 @@ class AdapterRegistry:
         self._resident: OrderedDict[str, Resident] = OrderedDict()
         self._failed: dict[str, tuple[int, APIError]] = {}
         self._ids = itertools.count()
+        self._pins: Counter[str] = Counter()  # internal name -> requests running it
+        self._retired: dict[str, SlotKey] = {}  # internal names to unload when their last request ends
 
     def __len__(self) -> int:
         return len(self._resident)
@@ -120,7 +126,7 @@ class AdapterRegistry:
             raise error from None
         self._failed.pop(source.name, None)
         if current is not None:
-            self.engine.unload(current.key, current.internal_name)
+            self._unload(current)
         resident = Resident(internal_name, key, source)
         self._resident[source.name] = resident
         self._resident.move_to_end(source.name)
@@ -133,14 +139,37 @@ class AdapterRegistry:
         self._failed.pop(name, None)
         current = self._resident.pop(name, None)
         if current is not None:
-            self.engine.unload(current.key, current.internal_name)
+            self._unload(current)
             self.metrics.resident.set(len(self._resident))
         return current is not None
+
+    def pin(self, name: str) -> Resident:
+        """Keep the resident adapter ``name`` loaded (and never evicted) until `unpin`; returns it."""
+        resident = self._resident[name]
+        self._pins[resident.internal_name] += 1
+        return resident
+
+    def unpin(self, resident: Resident) -> None:
+        """One request of ``resident`` ended; a replaced or removed adapter is unloaded with its last request."""
+        internal = resident.internal_name
+        self._pins[internal] -= 1
+        if self._pins[internal] <= 0:
+            del self._pins[internal]
+            key = self._retired.pop(internal, None)
+            if key is not None:
+                self.engine.unload(key, internal)
+
+    def _unload(self, resident: Resident) -> None:
+        if self._pins.get(resident.internal_name):
+            self._retired[resident.internal_name] = resident.key  # unloaded by its last unpin
+        else:
+            self.engine.unload(resident.key, resident.internal_name)
 
     def _make_room(self, keep: set[str]) -> None:
         """Evict least recently used adapters (not in ``keep``) until one more fits."""
         while len(self._resident) >= self.max_resident:
-            victim = next((n for n in self._resident if n not in keep), None)
+            pinned = self._pins
+            victim = next((n for n, r in self._resident.items() if n not in keep and not pinned[r.internal_name]), None)
             if victim is None:
                 return
             self.remove(victim)

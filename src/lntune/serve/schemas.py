@@ -44,6 +44,7 @@ class CompletionRequest(_Request):
     stop: str | list[str] | None = None
     n: int | None = 1
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -137,3 +138,70 @@ class AdapterStatus(BaseModel):
     object: Literal["adapter"] = "adapter"
     path: str | None = None
     resident: bool
+
+
+class StreamOptions(_Request):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with the usage (and no choices)."""
+
+    include_usage: bool | None = False
+
+
+class ChatContentPart(_Request):
+    """One part of a message's content; only text parts are supported."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    """One message of a conversation (``content``: a string, or text parts)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ChatContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Request):
+    """``POST /v1/chat/completions``: OpenAI's request; options this server does not have are refused when set."""
+
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    stop: str | list[str] | None = None
+    n: int | None = 1
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    user: str | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage

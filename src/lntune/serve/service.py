@@ -10,17 +10,23 @@ tokenized (on the event loop: the worker only pads), then queued as one work ite
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 
 from lntune.loading import load_tokenizer
+from lntune.mixed_batch import BASE_ADAPTER_NAME
+from lntune.serve import continuous
 from lntune.serve.batcher import Batcher, WorkItem
 from lntune.serve.catalog import AdapterCatalog, AdapterSource
 from lntune.serve.config import ServeConfig
 from lntune.serve.engine import Engine, Sampling
 from lntune.serve.errors import APIError, bad_request
-from lntune.serve.metrics import ServerMetrics
+from lntune.serve.generation import GenerationEngine, GenerationSettings
+from lntune.serve.metrics import GenerationMetrics, ServerMetrics
 from lntune.serve.pooling import read_pooling
-from lntune.serve.registry import AdapterRegistry
+from lntune.serve.registry import AdapterRegistry, Resident
 from lntune.serve.schemas import (
     AdapterLoadRequest,
     AdapterStatus,
@@ -30,6 +36,8 @@ from lntune.serve.schemas import (
 from lntune.tasks import TASKS, task_named
 
 _MAX_STOP = 4
+
+logger = logging.getLogger(__name__)
 
 
 def _eos_ids(tokenizer) -> list[int]:
@@ -62,6 +70,8 @@ class ServingService:
         self.catalog = AdapterCatalog(config.adapters_dir, config.model_id, config.task, engine.base_labels)
         self.registry = AdapterRegistry(engine, config.max_resident, self.metrics)
         self.batcher = Batcher(engine, self.registry, self.metrics, config.max_batch_size, config.max_wait_ms)
+        self.generation_metrics = GenerationMetrics(self.metrics.registry)
+        self.generation = self._generation_engine() if self.task.generates else None
         self.created = int(time.time())
 
     @classmethod
@@ -72,13 +82,76 @@ class ServingService:
         engine = Engine(config.model_path, config.task, tokenizer.pad_token_id, _eos_ids(tokenizer), pooling)
         return cls(config, tokenizer, engine)
 
+    def _generation_engine(self) -> GenerationEngine | None:
+        """Continuous batching for generation, unless switched off or Transformers lacks what it needs (then
+        generation runs in static batches, and one log line says why)."""
+        problems = continuous.engine_problems() if self.config.continuous_batching else ["--no-continuous-batching"]
+        if problems:
+            logger.warning("lntune serve: generation runs in static batches (no continuous batching: %s)", problems[0])
+            return None
+        slot = self.engine.slots[self.engine.primary_key]
+        cpu = self.engine.device.type == "cpu"
+        settings = GenerationSettings(
+            max_batch_tokens=self.config.max_batch_tokens or (256 if cpu else 4096),
+            max_requests=self.config.max_batch_size,
+            cache_tokens=self.config.kv_cache_tokens or (16384 if cpu else None),
+        )
+        generation = GenerationEngine(
+            slot.model,
+            lambda: None if slot.peft is None else slot.peft.base_model,
+            settings,
+            sorted(self.engine.eos_token_ids),
+            self.engine.pad_token_id,
+            on_restart=self.generation_metrics.restarts.inc,
+            on_failure=self.generation_metrics.failed.inc,
+        )
+        self.engine.exclusive = generation.paused  # adapters load and unload between two engine steps
+        return generation
+
     def start(self) -> None:
-        """Start the worker thread."""
+        """Start the worker thread (and the generation engine)."""
         self.batcher.start()
+        if self.generation is not None:
+            self.generation.start()
 
     def stop(self) -> None:
-        """Finish queued work and stop the worker thread."""
+        """Finish what is running and queued, then stop the generation engine and the worker thread."""
+        if self.generation is not None:
+            self.generation.stop()
         self.batcher.stop()
+
+    @contextlib.asynccontextmanager
+    async def adapter_in_use(self, source: AdapterSource | None) -> AsyncIterator[str]:
+        """The adapter of ``source`` made resident and pinned (kept loaded) for the body; yields its name in the
+        model (``"__base__"`` for the base model).
+
+        Raises:
+            APIError: the adapter cannot be loaded (500 naming the file).
+        """
+        if source is None:
+            yield BASE_ADAPTER_NAME
+            return
+
+        def prepare_and_pin() -> Resident:
+            failures = self.registry.prepare([source])
+            if failures:
+                raise failures[source.name]
+            return self.registry.pin(source.name)
+
+        resident = await self.batcher.call(prepare_and_pin)
+        try:
+            yield resident.internal_name
+        finally:
+            self.batcher.post(lambda: self.registry.unpin(resident))
+
+    @contextlib.contextmanager
+    def metrics_running(self) -> Iterator[None]:
+        """Count a generation request as running for the body."""
+        self.generation_metrics.running.inc()
+        try:
+            yield
+        finally:
+            self.generation_metrics.running.dec()
 
     # --------------------------------------------------------------------------- endpoints
     def models(self) -> ModelList:
