@@ -201,3 +201,45 @@ def test_names_config_and_metric_labels():
         ServeConfig("m", "m", Path("."), "seq-cls", max_batch_size=0)
     assert endpoint_label("/v1/adapters/some-name") == "/v1/adapters/{name}"
     assert endpoint_label("/v1/embeddings") == "/v1/embeddings" and endpoint_label("/random/path") == "other"
+
+
+class RecordingEngine:
+    """Stands in for `Engine` in registry tests: records loads and unloads."""
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()
+
+    def slot_key(self, num_labels):
+        return None
+
+    def load(self, key, folder, name) -> None:
+        self.loaded.add(name)
+
+    def unload(self, key, name) -> None:
+        self.loaded.remove(name)
+
+
+def test_pinned_adapters_stay_loaded_until_their_last_request_ends(adapters):
+    from lntune.serve.metrics import ServerMetrics
+    from lntune.serve.registry import AdapterRegistry
+
+    catalog = AdapterCatalog(adapters, "base", "seq-cls")
+    engine = RecordingEngine()
+    registry = AdapterRegistry(engine, max_resident=1, metrics=ServerMetrics())
+    assert registry.prepare([catalog.resolve("two")]) == {}
+    first = registry.pin("two")
+    second = registry.pin("two")
+    assert registry.prepare([catalog.resolve("three")]) == {}  # over max_resident, but "two" is pinned: kept
+    assert engine.loaded == {first.internal_name, registry.resident("three").internal_name}
+    registry.remove("two")  # removed while two requests run it: unloaded with the last one
+    assert first.internal_name in engine.loaded and "two" not in registry
+    registry.unpin(first)
+    assert first.internal_name in engine.loaded
+    registry.unpin(second)
+    assert first.internal_name not in engine.loaded
+    # A new version of a pinned adapter loads beside it; the old one goes with its last request.
+    pinned = registry.pin("three")
+    registry.load(catalog.register("three", "three"))
+    assert pinned.internal_name in engine.loaded and registry.resident("three").internal_name in engine.loaded
+    registry.unpin(pinned)
+    assert engine.loaded == {registry.resident("three").internal_name}

@@ -155,9 +155,8 @@ class AdapterRegistry:
         self._pins[internal] -= 1
         if self._pins[internal] <= 0:
             del self._pins[internal]
-            key = self._retired.pop(internal, None)
-            if key is not None:
-                self.engine.unload(key, internal)
+            if internal in self._retired:
+                self.engine.unload(self._retired.pop(internal), internal)
 
     def _unload(self, resident: Resident) -> None:
         if self._pins.get(resident.internal_name):
