@@ -14,6 +14,9 @@ right before every forward: it reads the requests of the step in packing order a
   CUDA graphs and async batching are off until the index lives in a static device buffer.
 * **A guard** (a forward pre-hook on the model) fails a continuous-batching forward that arrives without an
   index, so an engine change shows as failed requests, never as silently wrong adapters.
+* **Greedy steps skip sampling.** The engine samples (so that each request may set its temperature); a step
+  whose requests are all greedy (``top_k=1``, `request_sampling`) runs as an argmax step instead, without the
+  sorting of the top-k and top-p processors: the same tokens, at the cost of ``generate``'s greedy search.
 
 `engine_problems` lists what this module relies on that the installed Transformers lacks; the server falls back
 to static batching when it is not empty. Tested with Transformers 5.25 (`TESTED_TRANSFORMERS`); the test
@@ -84,6 +87,11 @@ def engine_problems() -> list[str]:
     need(
         hasattr(ContinuousBatchingConfig(), "per_request_processors"), "ContinuousBatchingConfig.per_request_processors"
     )
+    sample = inspect.getsource(model_runner.ModelRunner._sample) if runner else ""
+    need("self.do_sample" in sample, "ModelRunner._sample reads self.do_sample")
+    process = inspect.getsource(model_runner.ModelRunner._forward_process_and_sample) if runner else ""
+    need("self.logit_processor.do_processing" in process, "ModelRunner reads logit_processor.do_processing")
+    need("logit_processor_kwargs" in getattr(requests.RequestState, "__dataclass_fields__", {}), "RequestState kwargs")
     return problems
 
 
@@ -169,6 +177,7 @@ class Step:
     request_ids: list[str]
     query_lengths: list[int]
     num_tokens: int
+    greedy: bool = False  # every request of the step is greedy
 
 
 @dataclass
@@ -229,12 +238,16 @@ class TokenRouter:
             router.on_step(step)
             router.current = step
             model._lntune_index_set = True
+            sampling = runner.do_sample, runner.logit_processor.do_processing
+            if step.greedy:  # argmax: the tokens top_k=1 sampling would draw, without sorting the vocabulary
+                runner.do_sample = runner.logit_processor.do_processing = False
             try:
                 return compute_batch(model, batch_data)
             except BaseException:
                 router.failed_step = step
                 raise
             finally:
+                runner.do_sample, runner.logit_processor.do_processing = sampling
                 model._lntune_index_set = False
                 router.current = None
 
@@ -262,7 +275,8 @@ class TokenRouter:
         if any(n > 1 for n in lengths) and any(n == 1 for n in lengths):
             stats.mixed_prefill_decode_steps += 1
         stats.threads.add(threading.current_thread().name)
-        return Step(ids, lengths, num_tokens)
+        greedy = all(future.state.logit_processor_kwargs.get("top_k") == 1 for future in requests)
+        return Step(ids, lengths, num_tokens, greedy)
 
 
 def token_index(step: Step, positions: dict[int, int], device: torch.device) -> torch.Tensor:
