@@ -26,8 +26,9 @@ from pathlib import Path
 from _bench import run_in_subprocess
 
 from lntune.cli.data import bundled_file
-from lntune.cli.train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+from lntune.cli.train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, default_learning_rate
 
+DEFAULT_LR = default_learning_rate(50)  # the CLI's rate for the methods table's 50 steps
 METHODS = [
     ("head only", "head", DEFAULT_LR),
     ("LN tuning (lntune default lr)", "ln", DEFAULT_LR),
@@ -57,7 +58,7 @@ def heldout_table(dataset: str = "nyt_editorials") -> None:
         subprocess.run(argv, check=True, capture_output=True, text=True)
         ln = json.loads((output / "metrics.json").read_text())
     budget = {"epochs": DEFAULT_EPOCHS, "batch_size": DEFAULT_BATCH_SIZE, "train_size": 1000, "eval_size": 500}
-    head = run_in_subprocess(method="head", dataset=dataset, lr=DEFAULT_LR, **budget)
+    head = run_in_subprocess(method="head", dataset=dataset, lr=ln["learning_rate"], **budget)
     print(f"| {dataset}, 1,000 examples, defaults | held-out accuracy | trainable params |")
     print("|---|---|---|")
     print(f"| untrained (new head) | {ln['eval_accuracy_before']:.3f} | - |")

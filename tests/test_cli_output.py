@@ -88,7 +88,7 @@ def test_an_interrupted_run_is_kept_until_resumed_or_overwritten(files, tmp_path
     assert main(argv) == 2
     assert "an interrupted run is kept in" in capsys.readouterr().err
     assert main([*argv, "--resume", "--lr", "0.02"]) == 2
-    assert "the interrupted run used --lr 0.01, not 0.02" in capsys.readouterr().err
+    assert "the interrupted run used no --lr, not --lr 0.02" in capsys.readouterr().err  # no --lr: by the rule
     assert (work / "checkpoints" / "checkpoint-1").is_dir()
     assert main([*argv, "--overwrite"]) == 0  # starts over
     assert not work.exists() and json.loads((output / "metrics.json").read_text())["train_steps"] == 4

@@ -32,8 +32,8 @@ from lntune.loading import load_model, load_tokenizer, max_tokens, model_id, pac
 from lntune.run_record import RUN_FILE, RunRecord
 from lntune.tasks import TRAINABLE_TASKS, Task, task_named
 
-#: Defaults chosen by benchmarks/sweep_lr.py (see docs/cli.md): LN tuning needs a large learning rate.
-DEFAULT_LR = 1e-2
+#: Defaults chosen by benchmarks/sweep_lr.py and sweep_defaults.py (see docs/cli.md): LN tuning needs a
+#: large learning rate; without ``--lr`` it comes from the run's length (`default_learning_rate`).
 DEFAULT_EPOCHS = 2.0
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 128
@@ -41,6 +41,46 @@ DEFAULT_WARMUP = 0.1
 DEFAULT_SCHEDULE = "linear"
 DEFAULT_OUTPUT = "lntune-output"
 CHECKPOINTS = "checkpoints"
+
+
+#: `default_learning_rate`: the peak rate of runs up to ``LR_SHORT_STEPS`` optimizer steps, and of runs of
+#: ``2 * LR_SHORT_STEPS`` steps and more; in between, ``LR_SHORT * LR_SHORT_STEPS / steps`` (see docs/cli.md).
+LR_SHORT, LR_LONG, LR_SHORT_STEPS = 1e-2, 5e-3, 50
+LR_HELP = (
+    f"{LR_SHORT:g} up to {LR_SHORT_STEPS} steps, {LR_LONG:g} from {2 * LR_SHORT_STEPS}, "
+    f"in between {LR_SHORT * LR_SHORT_STEPS:g} / steps"
+)
+
+
+def default_learning_rate(total_steps: int) -> float:
+    """The peak learning rate of a run of ``total_steps`` optimizer steps when ``--lr`` is not given.
+
+    From benchmarks/sweep_defaults.py (MiniLM, the bundled tasks, 24 to 250 steps): 1e-2 was the best rate
+    at 50 steps on every task, and 5e-3 the best or within half a point of it from 100 steps on, where it
+    stays further from the rates that collapse a run to one class (2e-2 did at 126 steps; 3e-2 and more
+    did on every run of up to 100 steps). It depends only on the run's total steps, so adapters trained in
+    one run with one optimizer can share it.
+
+    Example:
+        >>> [default_learning_rate(steps) for steps in (1, 50, 80, 100, 250)]
+        [0.01, 0.01, 0.00625, 0.005, 0.005]
+    """
+    return min(LR_SHORT, max(LR_LONG, LR_SHORT * LR_SHORT_STEPS / max(1, total_steps)))
+
+
+def warmup_steps(total_steps: int) -> int:
+    """Linear warm-up steps: 10% of the run rounded down, so none below 10 steps.
+
+    Transformers' warm-up trains its first step at lr 0; rounded up, as before, a run of up to 10 steps
+    spent a whole step (``--max-steps 1``: all of it) at lr 0.
+    """
+    return math.floor(DEFAULT_WARMUP * total_steps)
+
+
+def learning_rate(args: argparse.Namespace, total_steps: int) -> float:
+    """The run's peak learning rate: ``--lr`` if given, else `default_learning_rate` of its steps."""
+    return args.lr if args.lr is not None else default_learning_rate(total_steps)
+
 
 #: The options that define a run: ``--resume`` must repeat them.
 _RUN_OPTIONS = (
@@ -83,9 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace an earlier lntune result in --output (nothing else)"
     )
     parser.add_argument("--epochs", type=positive_float, default=DEFAULT_EPOCHS, help=f"default: {DEFAULT_EPOCHS:g}")
-    parser.add_argument(
-        "--lr", type=positive_float, default=DEFAULT_LR, help=f"peak learning rate (default: {DEFAULT_LR:g})"
-    )
+    parser.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {LR_HELP})")
     batch_help = f"per process (default: {DEFAULT_BATCH_SIZE})"
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help=batch_help)
     parser.add_argument(
@@ -116,9 +154,8 @@ def _check_same_run(kept: dict, settings: dict) -> None:
     for name, value in settings.items():
         if kept.get(name, value) != value:
             flag = "--" + name.replace("_", "-")
-            raise CLIError(
-                f"--resume: the interrupted run used {flag} {kept[name]}, not {value}; resume with the same options."
-            )
+            used, given = (f"{flag} {v}" if v is not None else f"no {flag}" for v in (kept[name], value))
+            raise CLIError(f"--resume: the interrupted run used {used}, not {given}; resume with the same options.")
 
 
 def _read_data(args: argparse.Namespace) -> tuple[list, list, list[str]]:
@@ -172,9 +209,9 @@ def _training_arguments(args: argparse.Namespace, work: Path, total_steps: int):
         output_dir=str(work / CHECKPOINTS),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps or -1,
-        learning_rate=args.lr,
+        learning_rate=learning_rate(args, total_steps),
         lr_scheduler_type=DEFAULT_SCHEDULE,
-        warmup_steps=math.ceil(DEFAULT_WARMUP * total_steps),  # a step count: Transformers 4.x takes no ratio here
+        warmup_steps=warmup_steps(total_steps),  # a step count: Transformers 4.x takes no ratio here
         weight_decay=0.0,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=2 * args.batch_size,
@@ -333,7 +370,7 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
     say(
         f"lntune: LN tuning {name} ({args.task}) on {len(run.train_set)} examples, {len(run.eval_set)} held out; "
         f"{trainable:,d} of {total:,d} parameters trainable ({100 * trainable / total:.3f}%), "
-        f"{total_steps} steps at lr {args.lr:g}"
+        f"{total_steps} steps at lr {learning_rate(args, total_steps):g}"
     )
     if kept is None:
         before = trainer.evaluate(metric_key_prefix="before")
@@ -355,7 +392,7 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
         "world_size": trainer.args.world_size,
         "trainable_params": trainable,
         "all_params": total,
-        "learning_rate": args.lr,
+        "learning_rate": learning_rate(args, total_steps),
         "num_train_examples": len(run.train_set),
         "num_eval_examples": len(run.eval_set),
     }
@@ -402,7 +439,8 @@ def _write_outputs(trainer, model, args, name: str, record: RunRecord, metrics: 
         before = {"before_loss": metrics["eval_loss_before"], "before_accuracy": metrics.get("eval_accuracy_before")}
         history = [{"step": 0, **before}, *history]
     data = Path(args.data).name if args.data else DEFAULT_TRAIN
-    title = f"LN tuning of {name} on {data}\nlr {args.lr:g}, batch {args.batch_size}, {metrics['train_steps']} steps"
+    rate, steps = metrics["learning_rate"], metrics["train_steps"]
+    title = f"LN tuning of {name} on {data}\nlr {rate:g}, batch {args.batch_size}, {steps} steps"
     plot_curves(history, work / "training_curves.png", title)
     shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from
     output.publish(RUN_FILE, record.to_dict())
