@@ -294,3 +294,40 @@ def test_engine_restarts_after_a_failed_step_and_fails_only_that_steps_requests(
         if not isinstance(result, Exception):
             expected = reference.tokens(None if adapter == "__base__" else adapter, prompts[adapter], max_tokens)
             assert result == expected, adapter
+
+
+def test_an_adapter_unloaded_mid_answer_finishes_that_answer_and_broken_ones_fail_alone(chat):
+    server, reference = chat
+    body = {"model": "chat-c", "messages": CONVERSATIONS[1], "max_tokens": 120, "temperature": 0, "stream": True}
+    events = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+            if len(events) == 3:  # the answer is under way: unload its adapter
+                assert httpx.delete(server.url + "/v1/adapters/chat-c", timeout=30).status_code == 200
+                break
+        events += [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    assert text == reference.chat("chat-c", CONVERSATIONS[1], 120)[0]  # finished on the adapter it started with
+    gone = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+    assert gone.status_code == 404
+    restored = httpx.post(server.url + "/v1/adapters", json={"name": "chat-c", "path": "chat-c"}, timeout=30)
+    assert restored.status_code == 200
+    broken = Path(reference.adapters["chat-a"]).parent / "chat-broken"
+    broken.mkdir()
+    try:
+        (broken / "adapter_config.json").write_text(
+            (Path(reference.adapters["chat-a"]) / "adapter_config.json").read_text()
+        )
+        (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+        client = server.client()
+        with pytest.raises(openai.InternalServerError, match="adapter_model.safetensors"):
+            client.chat.completions.create(model="chat-broken", messages=CONVERSATIONS[0], max_tokens=3)
+        answer = client.chat.completions.create(model="chat-a", messages=CONVERSATIONS[0], max_tokens=5, temperature=0)
+        assert answer.choices[0].message.content == reference.chat("chat-a", CONVERSATIONS[0], 5)[0]
+    finally:
+        for file in broken.iterdir():
+            file.unlink()
+        broken.rmdir()
