@@ -180,7 +180,9 @@ def test_bad_chat_requests_are_400(chat):
             client.chat.completions.create(model="chat-a", **bad)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="chat-zz", messages=CONVERSATIONS[0])
-    seeded = client.chat.completions.create(model="chat-a", messages=CONVERSATIONS[0], seed=3, temperature=0)
+    seeded = client.chat.completions.create(
+        model="chat-a", messages=CONVERSATIONS[0], seed=3, temperature=0, max_tokens=4
+    )
     assert seeded.choices[0].message.content is not None
 
 
