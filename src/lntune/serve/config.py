@@ -28,6 +28,12 @@ MAX_INPUTS = 256
 #: What ``lntune train`` writes by default, and so what ``lntune serve`` serves by default.
 DEFAULT_ADAPTERS = "lntune-output"
 
+#: Most tokens (inputs' lengths summed) in one batch: TEI's ``--max-batch-tokens`` default.
+MAX_BATCH_TOKENS = 16_384
+
+#: Most inputs waiting for a forward; beyond it requests get 429 with ``Retry-After``.
+MAX_QUEUE = 2048
+
 
 class ServeConfigError(InputError):
     """An option of the server is wrong: one line naming the option and what to do."""
@@ -45,10 +51,18 @@ class ServeConfig:
         max_batch_size: Most samples in one forward.
         max_wait_ms: How long the first request of a batch waits for others to join it.
         max_resident: Most adapters kept loaded (least recently used ones are unloaded beyond it).
-        max_length: Most tokens in one input; longer inputs are refused with 400.
-        api_key: If set, ``/v1/*`` requests need ``Authorization: Bearer <api_key>``.
+        max_length: Most tokens in one input. An adapter's inputs are truncated at its recorded ``max_length``
+            (as in training), capped by this; a request may ask not to truncate (400 if an input is longer).
+        api_key: If set, every request but the probes (``/health``, ``/ready``, ``/metrics``) needs
+            ``Authorization: Bearer <api_key>``.
         max_body_bytes: Largest request body accepted.
         max_inputs: Most inputs in one request.
+        max_batch_tokens: Most tokens (the inputs' lengths summed) in one batch, beside ``max_batch_size``; an
+            input longer than this runs alone.
+        max_queue: Most inputs waiting for a forward; a request that does not fit gets 429 with ``Retry-After``.
+        request_timeout: Seconds a request may wait for its results; past it, 504 and its inputs that have not
+            run are dropped. None: no limit.
+        preload: Load every adapter of ``adapters_dir`` (up to ``max_resident``) at start, before ``/ready``.
 
     Example:
         >>> ServeConfig("path/to/model", "model", Path("adapters"), "feature-extraction")
@@ -65,15 +79,22 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     max_inputs: int = MAX_INPUTS
+    max_batch_tokens: int = MAX_BATCH_TOKENS
+    max_queue: int = MAX_QUEUE
+    request_timeout: float | None = None
+    preload: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in SERVED_TASKS:
             raise ServeConfigError(f"task {self.task!r} is not one of {SERVED_TASKS}.")
-        for name in ("max_batch_size", "max_resident", "max_length", "max_body_bytes", "max_inputs"):
+        names = ("max_batch_size", "max_resident", "max_length", "max_body_bytes", "max_inputs", "max_batch_tokens")
+        for name in (*names, "max_queue"):
             if getattr(self, name) < 1:
                 raise ServeConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_wait_ms < 0:
             raise ServeConfigError(f"max_wait_ms must not be negative, got {self.max_wait_ms}.")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ServeConfigError(f"request_timeout must be above 0 (or None), got {self.request_timeout}.")
 
     @classmethod
     def resolve(
@@ -131,13 +152,30 @@ def _typed(settings: dict[str, Any]) -> dict[str, Any]:
         if name not in fields:
             raise ServeConfigError(f"unknown option {key!r}; options: {', '.join(sorted(fields))}.")
         kind = types[name]
-        if isinstance(value, str) and kind in (int, float):
-            try:
-                value = kind(value)
-            except ValueError:
-                raise ServeConfigError(f"{name} must be a number, got {value!r}.") from None
+        if isinstance(value, str):
+            value = _from_string(name, value, kind)
         out[name] = value
     return out
+
+
+def _from_string(name: str, value: str, kind) -> Any:
+    """A ``key=value`` option's value converted to its field's type (``int``, ``float``, ``float | None``, ``bool``)."""
+    if kind is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ServeConfigError(f"{name} must be true or false, got {value!r}.")
+    options = typing.get_args(kind) or (kind,)
+    if value.lower() in ("", "none") and type(None) in options:
+        return None
+    number = next((t for t in (int, float) if t in options), None)
+    if number is None:
+        return value
+    try:
+        return number(value)
+    except ValueError:
+        raise ServeConfigError(f"{name} must be a number, got {value!r}.") from None
 
 
 def default_max_length(model_path: str | Path) -> int:
