@@ -48,17 +48,32 @@ def trained(tmp_path_factory):
     data with texts longer than that."""
     tmp = tmp_path_factory.mktemp("as-trained")
     files = tiny_files(tmp)
+    files["sharp"] = str(_sharp_bert(Path(files["bert"]), tmp / "sharp-bert"))
     held_out = tmp / "held_out.csv"
     labels = ["positive", "negative", "negative", "positive", "negative", "positive"]
     held_out.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in zip(LONG_TEXTS, labels)))
     output = tmp / "adapters" / "short"
-    argv = ["train", "--model", files["bert"], "--data", files["train"], "--eval-data", files["eval"]]
+    argv = ["train", "--model", files["sharp"], "--data", files["train"], "--eval-data", files["eval"]]
     assert main([*argv, "--output", str(output), "--max-steps", "6", "--batch-size", "8", "--max-length", "6"]) == 0
     assert json.loads((output / "lntune_run.json").read_text())["max_length"] == 6
     return tmp, files, output, held_out
 
 
-def _in_process_eval(adapter: Path, texts: list[str], side: str = "right") -> list[torch.Tensor]:
+def _sharp_bert(tiny: Path, folder: Path) -> Path:
+    """A tiny BERT classifier whose outputs depend on every token (weights drawn with std 0.5: with the usual
+    0.02 a 16-wide model's [CLS] state hardly sees the other tokens, and truncation would change nothing)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny))
+    size = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, max_position_embeddings=64, initializer_range=0.5, **size
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _in_process_eval(adapter: Path, texts: list[str], side: str = "right", truncate: bool = True) -> list[torch.Tensor]:
     """Class probabilities as ``lntune eval`` computes them: its model loading and its tokenization."""
     from lntune.cli.commands import _load_adapted, _read_run
     from lntune.cli.data import tokenize
@@ -68,7 +83,7 @@ def _in_process_eval(adapter: Path, texts: list[str], side: str = "right") -> li
     tokenizer = load_tokenizer(run.base_model)
     tokenizer.truncation_side = side
     model = _load_adapted(adapter, run, task, False).eval()
-    rows = tokenize([{"text": t} for t in texts], tokenizer, "text", run.max_length, None, [])
+    rows = tokenize([{"text": t} for t in texts], tokenizer, "text", run.max_length if truncate else 64, None, [])
     with torch.no_grad():
         return [model(input_ids=torch.tensor([r["input_ids"]])).logits[0].softmax(-1) for r in rows]
 
@@ -78,6 +93,8 @@ def test_serve_answers_as_lntune_eval_with_the_recorded_max_length(trained, caps
     assert main(["eval", "--adapter", str(adapter), "--data", str(held_out)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     expected = _in_process_eval(adapter, LONG_TEXTS)
+    whole = _in_process_eval(adapter, LONG_TEXTS, truncate=False)  # what a server that does not truncate gives
+    assert max(float((a - b).abs().max()) for a, b in zip(expected, whole)) > 0.01  # truncation matters here
     labels = json.loads((adapter / "lntune_run.json").read_text())["labels"]
     with serving(tmp, "--adapters", str(adapter), cwd=tmp) as server:  # the base model: as recorded
         url = server.url + "/v1/classify"
@@ -89,7 +106,7 @@ def test_serve_answers_as_lntune_eval_with_the_recorded_max_length(trained, caps
         accuracy = sum(item["label"] == t for item, t in zip(body["data"], truth)) / len(truth)
         assert accuracy == pytest.approx(evaluated["eval_accuracy"])
         assert all(item["label"] == labels[int(p.argmax())] for item, p in zip(body["data"], expected))
-        assert body["usage"]["prompt_tokens"] == sum(min(6, len(r)) for r in _token_lists(files["bert"]))
+        assert body["usage"]["prompt_tokens"] == sum(min(6, len(r)) for r in _token_lists(files["sharp"]))
 
         left = httpx.post(url, json={"model": "short", "input": LONG_TEXTS, "truncation_direction": "left"}).json()
         for item, want in zip(left["data"], _in_process_eval(adapter, LONG_TEXTS, side="left")):
