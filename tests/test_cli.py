@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,27 @@ def test_inspect_lists_tuned_modules(files, capsys):
     assert len([line for line in out.splitlines() if line.endswith("norm")]) == 1
 
 
+def test_inspect_sizes_the_head_by_num_labels_or_data(files, tmp_path, capsys):
+    def head(*extra: str) -> tuple[str, str]:
+        assert main(["inspect", "--model", files["bert"], *extra]) == 0
+        out = capsys.readouterr().out
+        row = next(line for line in out.splitlines() if line.startswith("classifier"))
+        return row.split()[2], next(line for line in out.splitlines() if line.startswith("head:"))
+
+    assert head() == ("34", "head: 2 classes, from the model's config; size it with --num-labels N or --data FILE")
+    assert head("--num-labels", "5") == ("85", "head: 5 classes, from --num-labels")  # 16 * 5 + 5
+    three = tmp_path / "three.csv"
+    three.write_text("text,label\ngood,positive\nbad,negative\nso so,neutral\n")
+    assert head("--data", str(three)) == ("51", "head: 3 classes, from the labels of --data")
+
+
+def test_one_step_is_one_step(files, tmp_path, capsys):
+    argv = ["train", "--model", files["bert"], "--data", files["train"], "--eval-data", files["eval"]]
+    assert main([*argv, "--output", str(tmp_path / "o"), "--max-steps", "1", "--batch-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert ", 1 step at lr" in err and "1 steps" not in err
+
+
 def test_merge_writes_plain_model_equal_to_adapter(files, trained, tmp_path):
     merged_dir = tmp_path / "merged"
     assert main(["merge", "--adapter", str(trained), "--output", str(merged_dir)]) == 0
@@ -180,13 +202,17 @@ class _Interrupt(transformers.TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_resume_continues_an_interrupted_run_and_keeps_the_numbers_before_training(files, trained, tmp_path):
+def test_resume_continues_an_interrupted_run_and_keeps_the_numbers_before_training(files, trained, tmp_path, capsys):
     output = tmp_path / "resumed"
     with pytest.raises(Interrupted, match=r"checkpoint of step 2 is kept in .*resume with: lntune train .*--resume"):
         _train(files, output, callbacks=[_Interrupt(at=2)])
     partial = tmp_path / ".resumed.partial"
     assert not output.exists() and (partial / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    first = _table(capsys.readouterr().err)
     metrics = _train(files, output, "--resume")
+    table = _table(capsys.readouterr().err)  # the whole run's evaluations: those before the stop too
+    assert [row.split()[0] for row in table] == ["0/4", "1/4", "2/4", "3/4", "4/4"]
+    assert table[:3] == first[:3]
     assert metrics["train_steps"] == 4 and not partial.exists()
     saved = json.loads((output / "metrics.json").read_text())
     straight = json.loads((trained / "metrics.json").read_text())
@@ -198,6 +224,11 @@ def test_resume_continues_an_interrupted_run_and_keeps_the_numbers_before_traini
     plain = PeftModel.from_pretrained(_base(files), trained)
     with torch.no_grad():
         torch.testing.assert_close(resumed(**_inputs()).logits, plain(**_inputs()).logits)
+
+
+def _table(err: str) -> list[str]:
+    """The rows of the evaluation table in a run's stderr."""
+    return [line for line in err.splitlines() if re.match(r"\s*\d+/\d+\s", line)]
 
 
 def test_resume_without_checkpoint_is_an_error(files, tmp_path, capsys):

@@ -167,6 +167,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "unknown option": ([*T, "--learning-rate", "0.1"], "unrecognized arguments: --learning-rate 0.1"),
     "unknown task": ([*T, "--task", "regression"], "argument --task: invalid choice: 'regression'"),
     "option without value": ([*T, "--lr"], "argument --lr: expected one argument"),
+    "abbreviated option": ([*T, "--epoch", "1"], "unrecognized arguments: --epoch 1"),
     # lntune train: data
     "missing data file": (["train", "--model", "{bert}", "--data", "nope.csv"], "nope.csv: file not found"),
     "data is a folder": (["train", "--model", "{bert}", "--data", "{data}"], "is a folder"),
@@ -219,11 +220,16 @@ CASES: dict[str, tuple[list[str], str]] = {
     "eval other base model": (["eval", "--adapter", "{adapter}", "--data", "{eval}", "--model", "{llama}"], "fit"),
     "eval missing data": (["eval", "--adapter", "{adapter}", "--data", "nope.csv"], "file not found"),
     "eval missing column": (["eval", "--adapter", "{adapter}", "--data", "{jsonl}"], "no column 'label'"),
-    "eval unseen label": (["eval", "--adapter", "{adapter}", "--data", D + "new-label.csv"], "['neutral']"),
+    "eval unseen label": (["eval", "--adapter", "{adapter}", "--data", D + "new-label.csv"], "error: --data "),
+    "eval abbreviated option": (["eval", "--adapt", "{adapter}", "--data", "{eval}"], "required: --adapter"),
     # lntune inspect
     "inspect missing model": (["inspect", "--model", "nope"], "--model nope: no such folder"),
     "inspect no matching target": (["inspect", "--model", "{bert}", "--target-modules", "nonorm"], "--target-modules"),
     "inspect unknown task": (["inspect", "--model", "{bert}", "--task", "nope"], "invalid choice"),
+    "inspect num labels zero": (["inspect", "--model", "{bert}", "--num-labels", "0"], "--num-labels: must be above"),
+    "inspect data and num labels": (["inspect", "--model", "{bert}", "--data", "{train}", "--num-labels", "3"], "one"),
+    "inspect data without labels": (["inspect", "--model", "{bert}", "--data", "{jsonl}"], "no column 'label'"),
+    "inspect data of one class": (["inspect", "--model", "{bert}", "--data", D + "one-class.csv"], "one class"),
     # lntune merge
     "merge without output": (["merge", "--adapter", "{adapter}"], "the following arguments are required: --output"),
     "merge missing adapter": (["merge", "--adapter", "nope", "--output", "m"], "--adapter nope: no such folder"),

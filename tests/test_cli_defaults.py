@@ -55,7 +55,7 @@ def test_one_step_run_trains_at_the_rule_rate(files, tmp_path, capsys):
     metrics, rates = _train(files, tmp_path / "one", "--max-steps", "1")
     assert rates == [pytest.approx(default_learning_rate(1))] and rates[0] > 0
     assert metrics["learning_rate"] == pytest.approx(default_learning_rate(1)) and metrics["train_steps"] == 1
-    assert f"1 steps at lr {default_learning_rate(1):g}" in capsys.readouterr().err
+    assert f"1 step at lr {default_learning_rate(1):g}" in capsys.readouterr().err
 
 
 def test_explicit_lr_wins_and_warmup_starts_at_zero(files, tmp_path, capsys):

@@ -88,7 +88,11 @@ def test_an_interrupted_run_is_kept_until_resumed_or_overwritten(files, tmp_path
     assert main(argv) == 2
     assert "an interrupted run is kept in" in capsys.readouterr().err
     assert main([*argv, "--resume", "--lr", "0.02"]) == 2
-    assert "the interrupted run used no --lr, not --lr 0.02" in capsys.readouterr().err  # no --lr: by the rule
+    err = capsys.readouterr().err  # no --lr: the rate came from the rule
+    assert "the interrupted run was started with no --lr, this one with --lr 0.02" in err
+    assert main([*argv[:-4], *argv[-2:], "--resume"]) == 2  # without --max-steps 4
+    err = capsys.readouterr().err
+    assert "started with --max-steps 4, this one with no --max-steps;" in err and "None" not in err
     assert (work / "checkpoints" / "checkpoint-1").is_dir()
     assert main([*argv, "--overwrite"]) == 0  # starts over
     assert not work.exists() and json.loads((output / "metrics.json").read_text())["train_steps"] == 4

@@ -10,6 +10,7 @@ end of its test or module, and every load loop is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import copy
@@ -122,12 +123,24 @@ class Reference:
         self._model: tuple[str | None, torch.nn.Module] = (None, self.base)
         self._cache: dict[tuple, object] = {}
 
-    def __call__(self, name: str | None, text: str, max_tokens: int = 8):
-        """Embedding (tensor), class probabilities (tensor) or generated text of ``text`` under ``name``."""
-        key = (name, text, max_tokens)
+    def __call__(
+        self,
+        name: str | None,
+        text: str,
+        max_tokens: int = 8,
+        max_length: int | None = None,
+        side: str = "right",
+        pair: str | None = None,
+    ):
+        """Embedding (tensor), class probabilities (tensor) or generated text of ``text`` under ``name``.
+
+        ``max_length``: truncate there on ``side`` (the tokenizer's truncation); ``pair``: score the text pair
+        ``(text, pair)`` (cross-encoder): the head's logits instead of probabilities.
+        """
+        key = (name, text, max_tokens, max_length, side, pair)
         if key not in self._cache:
             with torch.no_grad():
-                self._cache[key] = self._run(self._model_of(name), text, max_tokens)
+                self._cache[key] = self._run(self._model_of(name), text, max_tokens, max_length, side, pair)
         return self._cache[key]
 
     def _model_of(self, name: str | None) -> torch.nn.Module:
@@ -138,8 +151,14 @@ class Reference:
             self._model = (name, model)
         return self._model[1]
 
-    def _run(self, model: torch.nn.Module, text: str, max_tokens: int):
-        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+    def _run(self, model: torch.nn.Module, text: str, max_tokens: int, max_length=None, side="right", pair=None):
+        self.tokenizer.truncation_side = side
+        cut = {"truncation": True, "max_length": max_length} if max_length else {}
+        encoded = self.tokenizer(text, pair, return_tensors="pt", **cut)
+        self.tokenizer.truncation_side = "right"
+        ids = encoded["input_ids"]
+        if pair is not None:
+            return model(input_ids=ids, token_type_ids=encoded["token_type_ids"]).logits[0]
         if self.task == "CAUSAL_LM":
             out = model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
             new = out[0, ids.shape[1] :].tolist()
@@ -186,7 +205,7 @@ class Server:
             if self.process.poll() is not None:
                 pytest.fail(f"lntune serve exited with {self.process.returncode}:\n{self.output()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     return
             time.sleep(0.2)
         self.stop()
@@ -280,9 +299,9 @@ def test_errors_are_openai_error_objects(embedding):
     for bad in [dict(input=""), dict(input=[]), dict(input=["ok", ""]), dict(input=["x"] * 257)]:
         with pytest.raises(openai.BadRequestError):
             client.embeddings.create(model=names[0], **bad)
-    with pytest.raises(openai.BadRequestError) as long:
-        client.embeddings.create(model=names[0], input="word " * 100)  # the tiny model has 64 positions
-    assert "--max-length 64" in str(long.value)
+    with pytest.raises(openai.BadRequestError) as long:  # the tiny model has 64 positions
+        client.embeddings.create(model=names[0], input="word " * 100, extra_body={"truncate": False})
+    assert "--max-length 64" in str(long.value) and long.value.body["code"] == "input_too_long"
     with pytest.raises(openai.BadRequestError) as wrong:
         client.completions.create(model=names[0], prompt="hi")
     assert "feature-extraction" in str(wrong.value)
@@ -383,7 +402,12 @@ def classify(tmp_path_factory, bert):
     (root / "broken" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00not a safetensors file")
     outside = make_adapters(bert, "SEQ_CLS", tmp / "outside", ["elsewhere"], seed=4)
     (root / "escape").symlink_to(outside["elsewhere"], target_is_directory=True)
-    references = {2: Reference(bert, "SEQ_CLS", two), 3: Reference(bert, "SEQ_CLS", three, num_labels=3)}
+    ones = make_adapters(bert, "SEQ_CLS", root, ["x1-00", "x1-01"], num_labels=1, seed=9)  # cross-encoders
+    references = {
+        1: Reference(bert, "SEQ_CLS", ones, num_labels=1),
+        2: Reference(bert, "SEQ_CLS", two),
+        3: Reference(bert, "SEQ_CLS", three, num_labels=3),
+    }
     with serving(tmp, "--model", str(bert), "--adapters", str(root), "--max-resident", "8") as server:
         yield server, references, root, tmp
 
@@ -623,3 +647,154 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+# ------------------------------------------------------------- embedding and reranking API
+def _post(server: Server, path: str, body: dict, key: str | None = API_KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60)
+
+
+def test_embeddings_dimensions_truncation_and_user_with_openai_client(embedding):
+    """``dimensions`` (the first ones, re-normalized; floats and base64), ``user``, TEI's truncation options."""
+    server, reference, names = embedding
+    client = server.client(API_KEY)
+    for encoding in ["float", "base64"]:
+        result = client.embeddings.create(
+            model=names[3], input=TEXTS[:2], dimensions=5, user="u-1", encoding_format=encoding
+        )
+        for text, item in zip(TEXTS[:2], result.data):
+            raw = item.embedding  # asked for explicitly, base64 comes back as the server sent it
+            vector = (
+                _vector(item)
+                if encoding == "float"
+                else torch.frombuffer(bytearray(base64.b64decode(raw)), dtype=torch.float32)
+            )
+            assert vector.shape == (5,)
+            torch.testing.assert_close(vector, F.normalize(reference(names[3], text)[:5], dim=0), atol=ATOL, rtol=0)
+    base64_default = client.embeddings.create(model=names[3], input=TEXTS[0], dimensions=16)  # the client: base64
+    torch.testing.assert_close(_vector(base64_default.data[0]), reference(names[3], TEXTS[0]), atol=ATOL, rtol=0)
+    for bad in [0, 17]:
+        with pytest.raises(openai.BadRequestError, match="dimensions"):
+            client.embeddings.create(model=names[3], input="hi", dimensions=bad)
+    long = " ".join(TEXTS * 3)  # about 80 tokens: over the tiny model's 64
+    for side in ["right", "left"]:
+        extra = {"truncation_direction": side}
+        result = client.embeddings.create(model=names[4], input=long, encoding_format="float", extra_body=extra)
+        expected = reference(names[4], long, max_length=64, side=side)
+        torch.testing.assert_close(_vector(result.data[0]), expected, atol=ATOL, rtol=0)
+        assert result.usage.prompt_tokens == 64
+    right = reference(names[4], long, max_length=64, side="right")
+    assert not torch.allclose(right, reference(names[4], long, max_length=64, side="left"))
+
+
+def test_rerank_and_score_with_an_embedding_model_are_cosine_similarities(embedding):
+    server, reference, names = embedding
+    query, documents = TEXTS[0], TEXTS[1:6]
+    vectors = [reference(names[5], text) for text in documents]
+    expected = [float(F.cosine_similarity(reference(names[5], query), v, dim=0)) for v in vectors]
+    for path in ["/v1/rerank", "/rerank", "/v2/rerank"]:
+        body = {"model": names[5], "query": query, "documents": documents, "top_n": 3, "return_documents": True}
+        response = _post(server, path, body)
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        order = sorted(range(len(documents)), key=lambda i: -expected[i])[:3]
+        assert [r["index"] for r in results] == order
+        for r in results:
+            assert r["relevance_score"] == pytest.approx(expected[r["index"]], abs=ATOL)
+            assert r["document"] == {"text": documents[r["index"]]}
+    plain = _post(server, "/v1/rerank", {"model": names[5], "query": query, "documents": documents}).json()
+    assert len(plain["results"]) == len(documents) and "document" not in plain["results"][0]
+    assert plain["usage"]["prompt_tokens"] > 0
+    for path in ["/v1/score", "/score"]:
+        for body in [
+            {"model": names[5], "text_1": query, "text_2": documents},
+            {"model": names[5], "queries": [query] * len(documents), "documents": documents},
+        ]:
+            response = _post(server, path, body)
+            assert response.status_code == 200, response.text
+            data = response.json()["data"]
+            assert [d["index"] for d in data] == list(range(len(documents))) and data[0]["object"] == "score"
+            assert [d["score"] for d in data] == pytest.approx(expected, abs=ATOL)
+    for bad in [
+        {"model": names[5], "text_1": ["a", "b"], "text_2": ["c", "d", "e"]},
+        {"model": names[5], "text_1": "a"},
+        {"model": names[5], "text_1": "a", "text_2": "b", "queries": "a", "documents": "b"},
+    ]:
+        assert _post(server, "/v1/score", bad).status_code == 400
+    unauthorized = _post(server, "/rerank", {"model": names[5], "query": query, "documents": documents}, key=None)
+    assert unauthorized.status_code == 401
+
+
+def test_probes_info_and_gateway_metrics(embedding):
+    server, _, names = embedding
+    assert httpx.get(server.url + "/ready").json() == {"status": "ready"}  # probes need no key
+    assert httpx.get(server.url + "/info").status_code == 401
+    info = httpx.get(server.url + "/info", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert info["model_id"] == "tiny-bert" and info["task"] == "feature-extraction" and info["ready"] is True
+    assert info["max_length"] == 64 and info["embedding_size"] == 16 and info["version"]
+    assert {"/v1/embeddings", "/v1/rerank", "/v1/score"} <= set(info["endpoints"])
+    _post(server, "/v1/embeddings", {"model": names[6], "input": TEXTS[:3]})
+    text = httpx.get(server.url + "/metrics").text
+    for name in ["lntune_queue_size", "lntune_num_requests_waiting", "lntune_num_requests_running"]:
+        assert metric(server, name) == 0, name  # nothing in flight now
+    for name in ["lntune_queue_time_seconds", "lntune_tokenization_time_seconds", "lntune_inference_time_seconds"]:
+        assert metric(server, name + "_count") > 0, name
+    lora = [line for line in text.splitlines() if line.startswith("lntune_lora_requests_info{")]
+    assert len(lora) == 1, lora  # only the latest label set
+    assert 'max_lora="10000"' in lora[0] and 'running_lora_adapters=""' in lora[0]
+    assert abs(float(lora[0].rsplit(" ", 1)[1]) - time.time()) < 600  # a timestamp, as vLLM's
+
+
+def test_rerank_and_score_with_cross_encoders_are_logits_on_text_pairs(classify):
+    server, references, _, _ = classify
+    query, documents = TEXTS[3], TEXTS[:3] + TEXTS[4:7]
+    for name in ["x1-00", "x1-01"]:
+        logits = [float(references[1](name, query, pair=d)[0]) for d in documents]
+        body = {"model": name, "query": query, "documents": documents}
+        results = httpx.post(server.url + "/v1/rerank", json=body, timeout=60).json()["results"]
+        assert [r["index"] for r in results] == sorted(range(len(documents)), key=lambda i: -logits[i])
+        for r in results:
+            assert r["relevance_score"] == pytest.approx(logits[r["index"]], abs=ATOL)
+        body = {"model": name, "text_1": [query] * 2, "text_2": documents[:2], "use_activation": True}
+        scores = [d["score"] for d in httpx.post(server.url + "/score", json=body, timeout=60).json()["data"]]
+        assert scores == pytest.approx(torch.tensor(logits[:2]).sigmoid().tolist(), abs=ATOL)
+    two_class = httpx.post(server.url + "/v1/rerank", json={"model": "c2-00", "query": "q", "documents": ["d"]})
+    assert two_class.status_code == 400 and two_class.json()["error"]["code"] == "not_a_cross_encoder"
+    assert httpx.post(server.url + "/v1/embeddings", json={"model": "x1-00", "input": "x"}).status_code == 400
+
+
+@pytest.fixture(scope="module")
+def small_queue(tmp_path_factory, bert):
+    """A server whose batches wait 2 s for more inputs, with room for 4 waiting inputs and a 1 s time limit."""
+    tmp = tmp_path_factory.mktemp("queue")
+    make_adapters(bert, "FEATURE_EXTRACTION", tmp / "adapters", ["q0"], seed=10)
+    options = ["--max-wait-ms", "2000", "--max-queue", "4", "--request-timeout", "1"]
+    with serving(tmp, "--model", str(bert), "--adapters", str(tmp / "adapters"), *options) as server:
+        yield server
+
+
+def test_full_queue_answers_429_with_retry_after_and_timeouts_504_dropping_the_work(small_queue):
+    server = small_queue
+    forwards = metric(server, "lntune_batch_size_count")
+
+    def post(texts):
+        return _post(server, "/v1/embeddings", {"model": "q0", "input": texts}, key=None)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        waiting = [pool.submit(post, [t]) for t in TEXTS[:2]] + [pool.submit(post, TEXTS[2:4])]  # 4 inputs
+        deadline = time.monotonic() + 10
+        while metric(server, "lntune_queue_size") < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(server, "lntune_num_requests_waiting") == 3
+        refused = post(["one more"])
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded"
+        answers = [f.result() for f in waiting]
+    for response in answers:  # the batch would start after 2 s: every request is over its 1 s first
+        assert response.status_code == 504 and response.json()["error"]["code"] == "request_timeout"
+    time.sleep(2.5)  # the batch window closes: the dropped inputs never reach a forward
+    assert metric(server, "lntune_batch_size_count") == forwards
+    assert metric(server, "lntune_queue_size") == 0 and metric(server, "lntune_num_requests_waiting") == 0
+    assert metric(server, "lntune_request_timeouts_total") == 3
+    assert metric(server, "lntune_requests_rejected_total") == 1

@@ -333,3 +333,38 @@ def test_an_adapter_unloaded_mid_answer_finishes_that_answer_and_broken_ones_fai
         for file in broken.iterdir():
             file.unlink()
         broken.rmdir()
+
+
+def test_vllms_adapter_endpoints(chat, tmp_path):
+    """``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` as vLLM has them; paths outside --adapters are
+    refused unless the server runs with --allow-any-adapter-path (the answer names that option)."""
+    server, reference = chat
+    adapters = Path(reference.adapters["chat-a"]).parent
+    url = server.url + "/v1"
+    loaded = httpx.post(url + "/load_lora_adapter", json={"lora_name": "also-b", "lora_path": "chat-b"}, timeout=30)
+    assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'also-b' added successfully."
+    cards = {m.id: m for m in server.client().models.list().data}
+    assert cards["also-b"].parent == "tiny-chat-llama"
+    answer = server.client().chat.completions.create(
+        model="also-b", messages=CONVERSATIONS[0], max_tokens=5, temperature=0
+    )
+    assert answer.choices[0].message.content == reference.chat("chat-b", CONVERSATIONS[0], 5)[0]
+    again = httpx.post(url + "/load_lora_adapter", json={"lora_name": "also-b", "lora_path": "chat-c"}, timeout=30)
+    assert again.status_code == 400 and "load_inplace" in again.json()["error"]["message"]
+    gone = httpx.post(url + "/unload_lora_adapter", json={"lora_name": "also-b"}, timeout=30)
+    assert gone.status_code == 200 and gone.text == "Success: LoRA adapter 'also-b' removed successfully."
+    assert httpx.post(url + "/unload_lora_adapter", json={"lora_name": "also-b"}, timeout=30).status_code == 404
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for file in (adapters / "chat-c").iterdir():
+        (outside / file.name).write_bytes(file.read_bytes())
+    refused = httpx.post(url + "/load_lora_adapter", json={"lora_name": "far", "lora_path": str(outside)}, timeout=30)
+    assert refused.status_code == 400 and "--allow-any-adapter-path" in refused.json()["error"]["message"]
+    llama = adapters.parent / "tiny-chat-llama"
+    with serving(tmp_path, "--model", str(llama), "--adapters", str(adapters), "--allow-any-adapter-path") as other:
+        body = {"lora_name": "far", "lora_path": str(outside)}
+        assert httpx.post(other.url + "/v1/load_lora_adapter", json=body, timeout=30).status_code == 200
+        far = other.client().chat.completions.create(
+            model="far", messages=CONVERSATIONS[0], max_tokens=5, temperature=0
+        )
+        assert far.choices[0].message.content == reference.chat("chat-c", CONVERSATIONS[0], 5)[0]

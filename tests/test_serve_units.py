@@ -243,3 +243,157 @@ def test_pinned_adapters_stay_loaded_until_their_last_request_ends(adapters):
     assert pinned.internal_name in engine.loaded and registry.resident("three").internal_name in engine.loaded
     registry.unpin(pinned)
     assert engine.loaded == {registry.resident("three").internal_name}
+
+
+def test_same_base_model_rule(tmp_path):
+    from lntune.serve.catalog import same_base_model
+
+    served = tmp_path / "models" / "tiny-bert"
+    served.mkdir(parents=True)
+    config = {"model_type": "bert", "hidden_size": 16, "_name_or_path": "x", "transformers_version": "4.8"}
+    (served / "config.json").write_text(json.dumps(config))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.json").write_text(json.dumps({**config, "_name_or_path": "y", "transformers_version": "5.2"}))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    assert same_base_model(None, served) and same_base_model("", served)
+    assert same_base_model(str(served), served) and same_base_model(
+        str(tmp_path / "models" / ".." / "models" / "tiny-bert"), served
+    )
+    assert same_base_model(str(copy), served)  # another folder with the same config: a copy
+    assert not same_base_model(str(other), served)
+    assert same_base_model("org/tiny-bert", served) and same_base_model("/elsewhere/Tiny-Bert/", served)
+    assert not same_base_model("org/other-model", served)
+    assert same_base_model("sentence-transformers/all-MiniLM-L6-v2", served, "all-MiniLM-L6-v2")
+
+
+def test_internal_adapter_names_never_reach_messages():
+    from lntune.serve.metrics import ServerMetrics
+    from lntune.serve.registry import AdapterRegistry
+
+    registry = AdapterRegistry(engine=None, max_resident=4, metrics=ServerMetrics())
+    registry._public.update({"a0": "customer-7", "a12": "model-v1.2"})
+    message = "Cannot load adapter /data/a0/x as 'a0' (layers.a12.weight); ba0, a0-b, a99 stay"
+    assert registry.public_names(message) == (
+        "Cannot load adapter /data/a0/x as 'customer-7' (layers.model-v1.2.weight); ba0, a0-b, a99 stay"
+    )
+
+
+class _FakeRegistry:
+    max_resident = 100
+
+    def prepare(self, sources):
+        return {}
+
+
+class _FakeEngine:
+    primary_key = None
+
+    def __init__(self) -> None:
+        import threading
+
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+
+    def run(self, key, sequences, names, types=None):
+        self.release.wait(30)  # forwards wait until the test lets them run
+        self.batches.append([len(s) for s in sequences])
+        return [torch.zeros(1) for _ in sequences]
+
+
+def test_batches_are_cut_by_tokens_and_the_queue_is_bounded():
+    import asyncio
+
+    from lntune.serve.batcher import Batcher, WorkItem
+    from lntune.serve.metrics import ServerMetrics
+
+    engine = _FakeEngine()
+    batcher = Batcher(engine, _FakeRegistry(), ServerMetrics(), 32, 200, max_batch_tokens=100, max_queue=6)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def items(*lengths):
+            return [WorkItem(None, [1] * n, loop.create_future()) for n in lengths]
+
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(items(60, 30, 5)))  # 95 tokens
+            second = asyncio.ensure_future(batcher.submit(items(20, 150, 10)))  # the 150 runs alone
+            await asyncio.sleep(0.05)
+            with pytest.raises(APIError) as full:  # 3 or 6 waiting (the first batch may have started) + 4 > 6
+                await batcher.submit(items(1, 1, 1, 1))
+            assert full.value.status == 429 and full.value.headers == {"Retry-After": "1"}
+            engine.release.set()
+            await asyncio.gather(first, second)
+            assert batcher.queue_size == 0
+        finally:
+            await asyncio.to_thread(batcher.stop)
+
+    asyncio.run(main())
+    assert engine.batches == [[60, 30, 5], [20], [150], [10]]
+    assert all(sum(b) <= 100 or len(b) == 1 for b in engine.batches)
+
+
+def test_ready_only_once_the_model_is_loaded(monkeypatch, adapters):
+    """The app answers at once: /health 200, /ready and the API 503 with Retry-After, until the model loads."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    import lntune.serve.service as service_module
+    from lntune.serve.app import create_app
+    from lntune.serve.service import ServingService
+
+    release = threading.Event()
+    real_engine = service_module._engine
+
+    def slow_engine(config, tokenizer):
+        release.wait(60)
+        return real_engine(config, tokenizer)
+
+    monkeypatch.setattr(service_module, "_engine", slow_engine)
+    config = ServeConfig(str(adapters.parent / "tiny-bert"), "tiny-bert", adapters, "seq-cls")
+    service = ServingService.deferred(config)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=create_app(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            service.start()
+            assert (await client.get("/health")).status_code == 200
+            ready = await client.get("/ready")
+            assert ready.status_code == 503 and ready.headers["Retry-After"] == "5"
+            info = (await client.get("/info")).json()
+            assert info["ready"] is False and info["state"] == "loading"
+            early = await client.post("/v1/classify", json={"model": "two", "input": "hi"})
+            assert early.status_code == 503 and early.headers["Retry-After"] == "5"
+            assert early.json()["error"]["code"] == "not_ready"
+            release.set()
+            assert await asyncio.to_thread(service.wait_ready, 60)
+            assert (await client.get("/ready")).json() == {"status": "ready"}
+            answer = await client.post("/v1/classify", json={"model": "two", "input": "hi"})
+            assert answer.status_code == 200, answer.text
+        await asyncio.to_thread(service.stop)
+
+    asyncio.run(main())
+
+
+def test_ray_style_options_convert_to_the_fields_types(adapters):
+    config = ServeConfig.resolve(
+        adapters,
+        model=str(adapters.parent / "tiny-bert"),
+        max_batch_tokens="512",
+        request_timeout="2.5",
+        preload="true",
+        max_queue="7",
+    )
+    assert (config.max_batch_tokens, config.request_timeout, config.preload, config.max_queue) == (512, 2.5, True, 7)
+    assert (
+        ServeConfig.resolve(adapters, model=str(adapters.parent / "tiny-bert"), request_timeout="none").request_timeout
+        is None
+    )
+    with pytest.raises(ValueError, match="request_timeout"):
+        ServeConfig("m", "m", Path("."), "seq-cls", request_timeout=0)

@@ -56,7 +56,7 @@ TASKS: dict[str, Task] = {
             head_modules=("classifier", "score"),
             classifies=True,
             trainable=True,
-            endpoints=("/v1/classify",),
+            endpoints=("/v1/classify", "/v1/rerank", "/v1/score"),  # rerank, score: one-output (cross-encoder) heads
         ),
         Task(
             "causal-lm",
@@ -67,7 +67,11 @@ TASKS: dict[str, Task] = {
             endpoints=("/v1/completions", "/v1/chat/completions"),
         ),
         Task(
-            "feature-extraction", TaskType.FEATURE_EXTRACTION, "AutoModel", embeds=True, endpoints=("/v1/embeddings",)
+            "feature-extraction",
+            TaskType.FEATURE_EXTRACTION,
+            "AutoModel",
+            embeds=True,
+            endpoints=("/v1/embeddings", "/v1/rerank", "/v1/score"),  # rerank, score: cosine similarity
         ),
         Task("token-cls", TaskType.TOKEN_CLS, "AutoModelForTokenClassification", head_modules=("classifier", "score")),
         Task("question-ans", TaskType.QUESTION_ANS, "AutoModelForQuestionAnswering", head_modules=("qa_outputs",)),

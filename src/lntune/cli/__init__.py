@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["train", "--lr", "0.02"]).lr
         0.02
     """
-    parser = OneLineParser(prog="lntune", description="LayerNorm tuning of Transformers models.")
+    # No abbreviations (--epoch for --epochs): they would silently change meaning when options are added.
+    parser = OneLineParser(prog="lntune", description="LayerNorm tuning of Transformers models.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text, add, run in COMMANDS:
-        command = sub.add_parser(name, help=text, description=text)
+        command = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         _function(add)(command)
         command.set_defaults(run=_function(run))
     return parser

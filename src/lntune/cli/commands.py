@@ -10,7 +10,14 @@ from pathlib import Path
 
 from lntune.cli.arguments import positive_int
 from lntune.cli.common import CLIError, say, use_cpu
-from lntune.cli.data import check_columns, check_eval_labels, load_table, tokenize
+from lntune.cli.data import (
+    check_columns,
+    check_eval_labels,
+    check_train_labels,
+    label_names,
+    load_table,
+    tokenize,
+)
 from lntune.cli.output import MERGE_FILE, OutputFolder
 from lntune.loading import load_model, load_tokenizer, max_tokens, packaged_model_path, set_pad_token
 from lntune.run_record import RUN_FILE, RunRecord
@@ -39,6 +46,14 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target-modules", nargs="+", metavar="NAME", help="modules to tune (default: the model type's norms)"
     )
+    parser.add_argument(
+        "--num-labels", type=positive_int, metavar="N", help="seq-cls: classes of the head (default: the model's)"
+    )
+    parser.add_argument(
+        "--data", metavar="FILE", help="seq-cls: size the head by the labels of this file, as lntune train would"
+    )
+    parser.add_argument("--text-column", metavar="NAME", default="text", help="with --data (default: text)")
+    parser.add_argument("--label-column", metavar="NAME", default="label", help="with --data (default: label)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
 
 
@@ -130,7 +145,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     if label_column:
         if not labels:
             raise CLIError(f"--adapter {adapter}: no label names ({RUN_FILE} is missing); it was not made by lntune.")
-        check_eval_labels(labels, [row[label_column] for row in table], args.data)
+        check_eval_labels(labels, [row[label_column] for row in table], args.data, option="--data")
     tokenizer = load_tokenizer(run.base_model, args.trust_remote_code)
     model = _load_adapted(adapter, run, task, args.trust_remote_code)
     set_pad_token(model, tokenizer.pad_token_id)
@@ -152,7 +167,9 @@ def run_inspect(args: argparse.Namespace) -> list[dict]:
 
     model_path = args.model or packaged_model_path()
     task = task_named(args.task)
-    model = load_model(model_path, task, trust_remote_code=args.trust_remote_code).model
+    labels = _inspect_labels(args, task)
+    num_labels = None if labels else args.num_labels
+    model = load_model(model_path, task, labels, num_labels, trust_remote_code=args.trust_remote_code).model
     try:
         config = LNTuningConfig(task_type=task.task_type, target_modules=args.target_modules)
         peft_model = get_peft_model(model, config)
@@ -171,9 +188,31 @@ def run_inspect(args: argparse.Namespace) -> list[dict]:
         print(f"{r['name']:<{width}}  {r['type']:<{type_width}}  {r['params']:>10,d}  {r['kind']}")
     trainable, total = peft_model.get_nb_trainable_parameters()
     config = peft_model.peft_config["default"]
+    if task.classifies:
+        size = model.config.num_labels
+        how = "the labels of --data" if labels else "--num-labels" if args.num_labels else "the model's config"
+        hint = "" if labels or args.num_labels else "; size it with --num-labels N or --data FILE"
+        print(f"head: {size} classes, from {how}{hint}")
     print(f"target_modules: {config.target_modules}")
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     return rows
+
+
+def _inspect_labels(args: argparse.Namespace, task: Task) -> list[str] | None:
+    """The label names of ``--data`` (as ``lntune train`` reads them) for ``lntune inspect``, or None."""
+    if not task.classifies:
+        if args.data or args.num_labels:
+            raise CLIError(f"--data and --num-labels size a classification head; --task {task.name} has none.")
+        return None
+    if not args.data:
+        return None
+    if args.num_labels:
+        raise CLIError("--data and --num-labels both size the head; give one.")
+    table = load_table(args.data, "--data")
+    check_columns(table, args.data, "--data", args.text_column, args.label_column)
+    labels = label_names([row[args.label_column] for row in table])
+    check_train_labels(labels, args.label_column, args.data)
+    return labels
 
 
 def run_merge(args: argparse.Namespace) -> Path:

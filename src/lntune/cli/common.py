@@ -48,3 +48,8 @@ def say(message: str) -> None:
     """Print ``message`` on stderr from rank 0 only (stdout stays free for machine-readable output)."""
     if is_main_process():
         print(message, file=sys.stderr, flush=True)
+
+
+def plural(count: int, word: str) -> str:
+    """``count`` and ``word``, in the plural unless ``count`` is 1: ``1 step``, ``250 steps``."""
+    return f"{count:,d} {word}" if count == 1 else f"{count:,d} {word}s"

@@ -187,13 +187,12 @@ def check_train_labels(labels: list[str], column: str, path: str) -> None:
         )
 
 
-def check_eval_labels(train_labels: list[str], eval_values: list, path: str) -> None:
-    """Fail if the eval data has a label that training never saw."""
+def check_eval_labels(train_labels: list[str], eval_values: list, path: str, option: str = "--eval-data") -> None:
+    """Fail if the eval data (given as ``option``: ``--eval-data`` of train, ``--data`` of eval) has a label that
+    training never saw."""
     unseen = sorted({label_name(v) for v in eval_values} - set(train_labels))
     if unseen:
-        raise CLIError(
-            f"--eval-data {path}: labels {unseen} do not occur in the training data (labels: {train_labels})."
-        )
+        raise CLIError(f"{option} {path}: labels {unseen} do not occur in the training data (labels: {train_labels}).")
 
 
 def hold_out(table: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:

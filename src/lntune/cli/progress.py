@@ -44,7 +44,13 @@ def use_progress_bar(trainer: Trainer, show: bool) -> None:
 class EvalLines(TrainerCallback):
     """Prints one aligned line per evaluation on stderr: step, train loss, eval loss, accuracy, learning rate.
 
-    The first line is a header. Values not known yet (the train loss before step 1) show as ``-``.
+    The first line is a header. Values not known yet (the train loss before step 1) show as ``-``. A resumed
+    run first shows the evaluations made before it stopped: the one before training (``before``, kept in the
+    work folder) and those in the checkpoint's trainer state, so the table is the whole run's.
+
+    Args:
+        total_steps: The run's steps (the width of the step column).
+        before: A resumed run's evaluation before training (``before_loss``, ``before_accuracy``...).
 
     Example:
         >>> trainer.add_callback(EvalLines(total_steps=250))
@@ -53,23 +59,38 @@ class EvalLines(TrainerCallback):
         #          62/250      0.6541     0.6402    0.6620        8.9e-03
     """
 
-    def __init__(self, total_steps: int) -> None:
+    def __init__(self, total_steps: int, before: dict | None = None) -> None:
         self.step_width = max(len("step"), 2 * len(str(total_steps)) + 1)
         self.total_steps = total_steps
+        self.before = before
         self.header_shown = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not state.global_step:
+            return  # a new run: its evaluation before training was shown as it happened
+        if self.before:
+            self._show(0, self.before, [])
+        for entry in state.log_history:  # the checkpoint's evaluations, with the losses logged before each
+            if "eval_loss" in entry and entry.get("step", 0) <= state.global_step:
+                earlier = [e for e in state.log_history if "loss" in e and e.get("step", 0) <= entry["step"]]
+                self._show(entry["step"], entry, earlier)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not state.is_world_process_zero or not metrics:
             return
+        logged = [entry for entry in state.log_history if "loss" in entry] if state.global_step else []
+        self._show(state.global_step, metrics, logged)
+
+    def _show(self, step: int, metrics: dict, logged: list[dict]) -> None:
+        """One line for the evaluation ``metrics`` at ``step`` (``logged``: the train losses logged until then)."""
         loss_key = next((key for key in metrics if key.endswith("_loss")), None)
         if loss_key is None:
             return
         prefix = loss_key[: -len("loss")]
         accuracy = metrics.get(prefix + "accuracy")
-        logged = [entry for entry in state.log_history if "loss" in entry] if state.global_step else []
         train_loss = f"{logged[-1]['loss']:.4f}" if logged else "-"
         lr = f"{logged[-1]['learning_rate']:.1e}" if logged and "learning_rate" in logged[-1] else "-"
-        cells = [f"{state.global_step}/{self.total_steps}".rjust(self.step_width), f"{train_loss:>10}"]
+        cells = [f"{step}/{self.total_steps}".rjust(self.step_width), f"{train_loss:>10}"]
         cells.append(f"{metrics[loss_key]:>9.4f}")
         titles = ["step".rjust(self.step_width), "train loss", "eval loss"]
         if accuracy is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from lntune.cli.arguments import positive_float, positive_int, seed
-from lntune.cli.common import CLIError, Interrupted, is_main_process, say, use_cpu
+from lntune.cli.common import CLIError, Interrupted, is_main_process, plural, say, use_cpu
 from lntune.cli.data import (
     DEFAULT_EVAL,
     DEFAULT_TRAIN,
@@ -154,8 +154,19 @@ def _check_same_run(kept: dict, settings: dict) -> None:
     for name, value in settings.items():
         if kept.get(name, value) != value:
             flag = "--" + name.replace("_", "-")
-            used, given = (f"{flag} {v}" if v is not None else f"no {flag}" for v in (kept[name], value))
-            raise CLIError(f"--resume: the interrupted run used {used}, not {given}; resume with the same options.")
+            raise CLIError(
+                f"--resume: the interrupted run was started with {_option(flag, kept[name])}, this one with "
+                f"{_option(flag, value)}; resume with the same options."
+            )
+
+
+def _option(flag: str, value) -> str:
+    """How an option was given, as typed: ``--max-steps 5``, ``--target-modules a b``, or ``no --max-steps``."""
+    if value is None or value is False:
+        return f"no {flag}"
+    if isinstance(value, (list, tuple)):
+        return shlex.join([flag, *map(str, value)])
+    return shlex.join([flag, f"{value:g}" if isinstance(value, float) else str(value)])
 
 
 def _read_data(args: argparse.Namespace) -> tuple[list, list, list[str]]:
@@ -332,8 +343,11 @@ def _prepare(args: argparse.Namespace, model_path: str) -> _Prepared:
     return _Prepared(task, model, tokenizer, train_set, eval_set, labels, max_length)
 
 
-def _make_trainer(args: argparse.Namespace, run: _Prepared, work: Path, total_steps: int, callbacks: list):
-    """The `AdapterTrainer` of a run, with the task's collator and metrics and lntune's callbacks."""
+def _make_trainer(
+    args: argparse.Namespace, run: _Prepared, work: Path, total_steps: int, callbacks: list, before: dict | None
+):
+    """The `AdapterTrainer` of a run, with the task's collator and metrics and lntune's callbacks (``before``: a
+    resumed run's evaluation before training, shown first)."""
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
 
     from lntune.cli.progress import EvalLines
@@ -350,7 +364,7 @@ def _make_trainer(args: argparse.Namespace, run: _Prepared, work: Path, total_st
         eval_dataset=run.eval_set,
         data_collator=collator,
         compute_metrics=metrics_fn,
-        callbacks=[EvalLines(total_steps), *callbacks],
+        callbacks=[EvalLines(total_steps, before), *callbacks],
         token_loss=not run.task.classifies,
     )
 
@@ -364,13 +378,14 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
         output.create_work("train", settings)
     total_steps = schedule_steps(len(run.train_set), args.batch_size, args.epochs, args.max_steps or -1)
     stop = StopOnInterrupt()
-    trainer = _make_trainer(args, run, output.work, total_steps, [stop, *(callbacks or [])])
+    before = kept.get("before") if kept is not None else None
+    trainer = _make_trainer(args, run, output.work, total_steps, [stop, *(callbacks or [])], before)
     trainable, total = run.model.get_nb_trainable_parameters()
     name = model_id(model_path)
     say(
         f"lntune: LN tuning {name} ({args.task}) on {len(run.train_set)} examples, {len(run.eval_set)} held out; "
         f"{trainable:,d} of {total:,d} parameters trainable ({100 * trainable / total:.3f}%), "
-        f"{total_steps} steps at lr {learning_rate(args, total_steps):g}"
+        f"{plural(total_steps, 'step')} at lr {learning_rate(args, total_steps):g}"
     )
     if kept is None:
         before = trainer.evaluate(metric_key_prefix="before")
@@ -439,8 +454,8 @@ def _write_outputs(trainer, model, args, name: str, record: RunRecord, metrics: 
         before = {"before_loss": metrics["eval_loss_before"], "before_accuracy": metrics.get("eval_accuracy_before")}
         history = [{"step": 0, **before}, *history]
     data = Path(args.data).name if args.data else DEFAULT_TRAIN
-    rate, steps = metrics["learning_rate"], metrics["train_steps"]
-    title = f"LN tuning of {name} on {data}\nlr {rate:g}, batch {args.batch_size}, {steps} steps"
+    steps = plural(metrics["train_steps"], "step")
+    title = f"LN tuning of {name} on {data}\nlr {metrics['learning_rate']:g}, batch {args.batch_size}, {steps}"
     plot_curves(history, work / "training_curves.png", title)
     shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from
     output.publish(RUN_FILE, record.to_dict())

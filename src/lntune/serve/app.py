@@ -1,10 +1,13 @@
 """The FastAPI app of ``lntune serve``: routes, OpenAI-style errors, API key, body-size limit, metrics.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/embeddings``, ``POST /v1/classify``,
-``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``,
-``GET /metrics``.
-With an API key, every ``/v1/`` request needs ``Authorization: Bearer <key>`` (``/health`` and
-``/metrics`` stay open for probes and scrapers).
+Endpoints: ``GET /health``, ``GET /ready``, ``GET /info``, ``GET /v1/models``, ``POST /v1/embeddings``,
+``POST /v1/classify``, ``POST /v1/rerank`` (also ``/rerank``, ``/v2/rerank``), ``POST /v1/score`` (also
+``/score``), ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``, vLLM's ``POST /v1/load_lora_adapter`` and
+``POST /v1/unload_lora_adapter``, ``GET /metrics``.
+With an API key, every request needs ``Authorization: Bearer <key>`` except the probes (``/health``,
+``/ready``) and ``/metrics``, which stay open for orchestrators and scrapers. Until the model is loaded
+(and while stopping) every request but the probes, ``/info`` and ``/metrics`` gets 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lntune.serve import completions as generation
@@ -34,21 +37,42 @@ from lntune.serve.schemas import (
     CompletionResponse,
     EmbeddingRequest,
     EmbeddingResponse,
+    LoRALoadRequest,
+    LoRAUnloadRequest,
     ModelList,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
 )
 from lntune.serve.service import ServingService
 
 _ENDPOINTS = {
     "/health",
+    "/ready",
+    "/info",
     "/metrics",
     "/v1/models",
     "/v1/embeddings",
     "/v1/classify",
+    "/v1/rerank",
+    "/rerank",
+    "/v2/rerank",
+    "/v1/score",
+    "/score",
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/adapters",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
 }
 _HTTP_TYPES = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error"}
+
+#: Paths that need no API key: liveness and readiness probes, and the Prometheus scrape.
+_OPEN_PATHS = {"/health", "/ready", "/metrics"}
+
+#: Paths answered while the model loads (or the server stops): the probes, ``/info`` and ``/metrics``.
+_ALWAYS_PATHS = _OPEN_PATHS | {"/info"}
 
 
 def endpoint_label(path: str) -> str:
@@ -63,8 +87,10 @@ class _PayloadTooLarge(HTTPException):
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    headers = dict(error.headers)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
 
 class GuardMiddleware:
@@ -117,7 +143,7 @@ class GuardMiddleware:
     def _refusal(self, scope) -> APIError | None:
         config = self.service.config
         headers = dict(scope["headers"])
-        if config.api_key and scope["path"].startswith("/v1/"):
+        if config.api_key and scope["path"] not in _OPEN_PATHS:
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, key = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
@@ -130,6 +156,11 @@ class GuardMiddleware:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
             return APIError(413, f"The request body is larger than {config.max_body_bytes} bytes.")
+        if scope["path"] not in _ALWAYS_PATHS:
+            try:
+                self.service.require_ready()
+            except APIError as exc:
+                return exc
         return None
 
 
@@ -182,7 +213,19 @@ def create_app(service: ServingService) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
+        """Liveness: the process answers (whether or not the model is loaded yet)."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 200 once the model is loaded (and ``--preload`` done); 503 before, and while stopping."""
+        if service.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": service.state}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/info")
+    async def info() -> dict:
+        return service.info()
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -200,6 +243,17 @@ def create_app(service: ServingService) -> FastAPI:
     async def classify(request: ClassifyRequest) -> ClassifyResponse:
         return await encoders.classify(service, request)
 
+    @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
+    @app.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True, include_in_schema=False)
+    @app.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, include_in_schema=False)
+    async def rerank(request: RerankRequest) -> RerankResponse:
+        return await encoders.rerank(service, request)
+
+    @app.post("/v1/score", response_model=ScoreResponse)
+    @app.post("/score", response_model=ScoreResponse, include_in_schema=False)
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        return await encoders.score(service, request)
+
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(request: CompletionRequest, http: Request) -> Response:
         return await generation.completions(service, request, http)
@@ -207,6 +261,14 @@ def create_app(service: ServingService) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
         return await generation.chat_completions(service, request, http)
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(request: LoRALoadRequest) -> str:
+        return await service.load_lora_adapter(request)
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(request: LoRAUnloadRequest) -> str:
+        return await service.unload_lora_adapter(request)
 
     @app.post("/v1/adapters", response_model=AdapterStatus)
     async def load_adapter(request: AdapterLoadRequest) -> AdapterStatus:

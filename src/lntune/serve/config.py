@@ -28,6 +28,12 @@ MAX_INPUTS = 256
 #: What ``lntune train`` writes by default, and so what ``lntune serve`` serves by default.
 DEFAULT_ADAPTERS = "lntune-output"
 
+#: Most tokens (inputs' lengths summed) in one batch: TEI's ``--max-batch-tokens`` default.
+MAX_BATCH_TOKENS = 16_384
+
+#: Most inputs waiting for a forward; beyond it requests get 429 with ``Retry-After``.
+MAX_QUEUE = 2048
+
 
 class ServeConfigError(InputError):
     """An option of the server is wrong: one line naming the option and what to do."""
@@ -45,14 +51,24 @@ class ServeConfig:
         max_batch_size: Most samples in one forward.
         max_wait_ms: How long the first request of a batch waits for others to join it.
         max_resident: Most adapters kept loaded (least recently used ones are unloaded beyond it).
-        max_length: Most tokens in one input; longer inputs are refused with 400.
-        api_key: If set, ``/v1/*`` requests need ``Authorization: Bearer <api_key>``.
+        max_length: Most tokens in one input. An adapter's inputs are truncated at its recorded ``max_length``
+            (as in training), capped by this; a request may ask not to truncate (400 if an input is longer).
+        api_key: If set, every request but the probes (``/health``, ``/ready``, ``/metrics``) needs
+            ``Authorization: Bearer <api_key>``.
         max_body_bytes: Largest request body accepted.
         max_inputs: Most inputs in one request.
+        max_batch_tokens: Most tokens in one forward, beside ``max_batch_size``: encoders sum the inputs' lengths
+            (an input longer than this runs alone; default `MAX_BATCH_TOKENS`); generation packs this many tokens
+            into one engine step (default: 256 on a CPU, 4096 on a GPU). None: the task's default.
+        max_queue: Most inputs waiting for a forward; a request that does not fit gets 429 with ``Retry-After``.
+        request_timeout: Seconds a request may wait for its results; past it, 504 and its inputs that have not
+            run are dropped. None: no limit.
+        preload: Load every adapter of ``adapters_dir`` (up to ``max_resident``) at start, before ``/ready``.
         continuous_batching: Generation through Transformers' continuous batching (else static batches).
-        max_batch_tokens: Generation: most tokens packed into one engine step (default: 256 on a CPU, 4096 on a GPU).
         kv_cache_tokens: Generation: KV cache capacity in tokens (default: 16384 on a CPU; on a GPU the engine sizes
             it from free memory).
+        allow_any_adapter_path: ``POST /v1/adapters`` and ``/v1/load_lora_adapter`` may load folders outside
+            ``adapters_dir`` (off by default, as vLLM gates run-time loading).
 
     Example:
         >>> ServeConfig("path/to/model", "model", Path("adapters"), "feature-extraction")
@@ -69,18 +85,26 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     max_inputs: int = MAX_INPUTS
-    continuous_batching: bool = True
     max_batch_tokens: int | None = None
+    max_queue: int = MAX_QUEUE
+    request_timeout: float | None = None
+    preload: bool = False
+    continuous_batching: bool = True
     kv_cache_tokens: int | None = None
+    allow_any_adapter_path: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in SERVED_TASKS:
             raise ServeConfigError(f"task {self.task!r} is not one of {SERVED_TASKS}.")
-        for name in ("max_batch_size", "max_resident", "max_length", "max_body_bytes", "max_inputs"):
+        names = ("max_batch_size", "max_resident", "max_length", "max_body_bytes", "max_inputs", "max_queue")
+        optional = ("max_batch_tokens", "kv_cache_tokens")
+        for name in (*names, *(n for n in optional if getattr(self, n) is not None)):
             if getattr(self, name) < 1:
                 raise ServeConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_wait_ms < 0:
             raise ServeConfigError(f"max_wait_ms must not be negative, got {self.max_wait_ms}.")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ServeConfigError(f"request_timeout must be above 0 (or None), got {self.request_timeout}.")
 
     @classmethod
     def resolve(
@@ -138,13 +162,30 @@ def _typed(settings: dict[str, Any]) -> dict[str, Any]:
         if name not in fields:
             raise ServeConfigError(f"unknown option {key!r}; options: {', '.join(sorted(fields))}.")
         kind = types[name]
-        if isinstance(value, str) and kind in (int, float):
-            try:
-                value = kind(value)
-            except ValueError:
-                raise ServeConfigError(f"{name} must be a number, got {value!r}.") from None
+        if isinstance(value, str):
+            value = _from_string(name, value, kind)
         out[name] = value
     return out
+
+
+def _from_string(name: str, value: str, kind) -> Any:
+    """A ``key=value`` option's value converted to its field's type (``int``, ``float``, ``float | None``, ``bool``)."""
+    if kind is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ServeConfigError(f"{name} must be true or false, got {value!r}.")
+    options = typing.get_args(kind) or (kind,)
+    if value.lower() in ("", "none") and type(None) in options:
+        return None
+    number = next((t for t in (int, float) if t in options), None)
+    if number is None:
+        return value
+    try:
+        return number(value)
+    except ValueError:
+        raise ServeConfigError(f"{name} must be a number, got {value!r}.") from None
 
 
 def default_max_length(model_path: str | Path) -> int:

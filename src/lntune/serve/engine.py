@@ -139,6 +139,8 @@ class Engine:
         self.eos_token_ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         classifies = self.task.classifies
         self.primary_key: SlotKey = model.config.num_labels if classifies else None
+        #: The size of a pooled embedding (feature-extraction): the model's hidden size.
+        self.embedding_size: int | None = getattr(model.config, "hidden_size", None)
         self.base_labels = dict(model.config.id2label) if classifies else {}
         self._frozen = dict(model.named_parameters()) if classifies else {}
         self.slots: dict[SlotKey, ModelSlot] = {self.primary_key: ModelSlot(model)}
@@ -174,7 +176,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------ batches
     @torch.inference_mode()
-    def run(self, key: SlotKey, sequences: list[list[int]], adapter_names: list[str]) -> list[torch.Tensor]:
+    def run(
+        self,
+        key: SlotKey,
+        sequences: list[list[int]],
+        adapter_names: list[str],
+        token_type_ids: list[list[int] | None] | None = None,
+    ) -> list[torch.Tensor]:
         """The forwards of the model ``key`` on a batch, one adapter per sample (encoder tasks).
 
         Inputs of similar lengths share a forward (`length_buckets`), whatever their adapters.
@@ -183,17 +191,22 @@ class Engine:
             key: The model (see `slot_key`).
             sequences: Each sample's token ids.
             adapter_names: Each sample's adapter (``"__base__"``: none).
+            token_type_ids: Each sample's segment ids (text pairs for cross-encoders; None: all 0), or None.
 
         Returns:
-            Per sample, a float32 CPU tensor: its class probabilities (classification) or its pooled embedding.
+            Per sample, a float32 CPU tensor: its logits (classification) or its pooled embedding.
         """
         slot = self.slots[key]
         results: list = [None] * len(sequences)
         for bucket in length_buckets([len(s) for s in sequences], self.overhead_tokens):
             ids, mask = _padded([sequences[i] for i in bucket], self.pad_token_id, left=False, device=self.device)
-            out = slot.forward([adapter_names[i] for i in bucket], input_ids=ids, attention_mask=mask)
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            if token_type_ids is not None and any(token_type_ids[i] for i in bucket):
+                types = [token_type_ids[i] or [0] * len(sequences[i]) for i in bucket]
+                inputs["token_type_ids"] = _padded(types, 0, left=False, device=self.device)[0]
+            out = slot.forward([adapter_names[i] for i in bucket], **inputs)
             if self.task.classifies:
-                rows = out.logits.float().softmax(dim=-1).cpu()
+                rows = out.logits.float().cpu()
             else:
                 rows = pool(out.last_hidden_state, mask, self.pooling).cpu()
             for i, row in zip(bucket, rows):

@@ -10,14 +10,19 @@ adapter fails its requests at once instead of being re-read for each one.
 Requests that outlive one forward (generation under continuous batching) pin their adapter: a pinned
 adapter is never evicted, and an adapter replaced or removed while pinned stays loaded until its last
 request ends (`pin`, `unpin`).
+
+Internal names never reach a client: error messages name the adapter as the API does (`public_names`).
+`load_many` loads a list of adapters in one go (``--preload``), reporting its progress.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import re
+import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from lntune.serve.catalog import AdapterSource
@@ -62,6 +67,7 @@ class AdapterRegistry:
         self._ids = itertools.count()
         self._pins: Counter[str] = Counter()  # internal name -> requests running it
         self._retired: dict[str, SlotKey] = {}  # internal names to unload when their last request ends
+        self._public: dict[str, str] = {}  # internal name -> API name, of every adapter loaded or tried
 
     def __len__(self) -> int:
         return len(self._resident)
@@ -116,10 +122,13 @@ class AdapterRegistry:
         if current is None:
             self._make_room(set(keep) | {source.name})
         internal_name, key = f"a{next(self._ids)}", self.engine.slot_key(source.num_labels)
+        self._public[internal_name] = source.name
         try:
             self.engine.load(key, str(source.folder), internal_name)
         except Exception as exc:  # lntune raises CheckpointError/ValueError/OSError...; any failure is this adapter's
-            error = adapter_failed(f"Adapter '{source.name}' cannot be loaded: {exc}")
+            del self._public[internal_name]
+            text = _replace_name(str(exc), internal_name, source.name)
+            error = adapter_failed(f"Adapter '{source.name}' cannot be loaded: {text}")
             self._failed[source.name] = (source.generation, error)
             self.metrics.load_failures.inc()
             logger.warning("lntune serve: %s", error.message)
@@ -156,13 +165,47 @@ class AdapterRegistry:
         if self._pins[internal] <= 0:
             del self._pins[internal]
             if internal in self._retired:
-                self.engine.unload(self._retired.pop(internal), internal)
+                self._unload_now(self._retired.pop(internal), internal)
 
     def _unload(self, resident: Resident) -> None:
         if self._pins.get(resident.internal_name):
             self._retired[resident.internal_name] = resident.key  # unloaded by its last unpin
         else:
-            self.engine.unload(resident.key, resident.internal_name)
+            self._unload_now(resident.key, resident.internal_name)
+
+    def _unload_now(self, key: SlotKey, internal_name: str) -> None:
+        self.engine.unload(key, internal_name)
+        self._public.pop(internal_name, None)
+
+    def load_many(
+        self, sources: Sequence[AdapterSource], progress: Callable[[int, int, float], None] | None = None
+    ) -> dict[str, APIError]:
+        """Load ``sources`` now, in order (at most ``max_resident`` of them: the first ones), e.g. at start.
+
+        Args:
+            sources: The adapters to load.
+            progress: Called as ``progress(done, total, seconds)`` after each tenth of the work and at the end.
+
+        Returns:
+            ``{name: error}`` for the adapters that could not be loaded (the others are resident).
+        """
+        chosen = list(sources)[: self.max_resident]
+        failures: dict[str, APIError] = {}
+        started, step = time.perf_counter(), max(1, len(chosen) // 10)
+        for done, source in enumerate(chosen, 1):
+            try:
+                self.load(source)
+            except APIError as exc:
+                failures[source.name] = exc
+            if progress is not None and (done % step == 0 or done == len(chosen)):
+                progress(done, len(chosen), time.perf_counter() - started)
+        return failures
+
+    def public_names(self, message: str) -> str:
+        """``message`` with every internal adapter name (``a0``...) replaced by the adapter's name in the API."""
+        if not self._public or not _INTERNAL.search(message):
+            return message
+        return _INTERNAL.sub(lambda m: self._public.get(m.group(0), m.group(0)), message)
 
     def _make_room(self, keep: set[str]) -> None:
         """Evict least recently used adapters (not in ``keep``) until one more fits."""
@@ -173,3 +216,12 @@ class AdapterRegistry:
                 return
             self.remove(victim)
             self.metrics.evictions.inc()
+
+
+#: An internal adapter name as a word of its own (``a0``, ``'a12'``), not part of another word or path.
+_INTERNAL = re.compile(r"(?<![\w/-])a\d+(?![\w/-])")
+
+
+def _replace_name(message: str, internal: str, public: str) -> str:
+    """``message`` with the internal name ``internal`` (as a word of its own) replaced by ``public``."""
+    return re.sub(rf"(?<![\w/-]){re.escape(internal)}(?![\w/-])", public, message)

@@ -1,4 +1,5 @@
-"""Request and response bodies (pydantic): OpenAI's shapes, and vLLM's for ``/v1/classify``.
+"""Request and response bodies (pydantic): OpenAI's shapes, vLLM's for ``/v1/classify`` and ``/v1/score``, and
+Cohere's (as Jina, Infinity and vLLM take it) for ``/v1/rerank``; TEI's ``truncate`` and ``truncation_direction``.
 
 Requests are strict (a number where text belongs is refused, not converted); unknown fields are ignored,
 as OpenAI's clients send some that do not apply here.
@@ -15,7 +16,18 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class EmbeddingRequest(_Request):
+class _Truncation(_Request):
+    """TEI's options: cut inputs longer than the adapter's limit (default here: yes, as training and ``lntune
+    eval`` did), on the right (as training) or on the left."""
+
+    truncate: bool = True
+    truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
+
+    def model_post_init(self, context) -> None:
+        self.truncation_direction = self.truncation_direction.lower()  # TEI writes "Right" / "Left"
+
+
+class EmbeddingRequest(_Truncation):
     """``POST /v1/embeddings``: OpenAI's request (token-id inputs are not supported)."""
 
     model: str
@@ -25,11 +37,36 @@ class EmbeddingRequest(_Request):
     user: str | None = None
 
 
-class ClassifyRequest(_Request):
+class ClassifyRequest(_Truncation):
     """``POST /v1/classify``: vLLM's request."""
 
     model: str
     input: str | list[str]
+    user: str | None = None
+
+
+class RerankRequest(_Truncation):
+    """``POST /v1/rerank``: Cohere's request (``top_n`` None or 0: every document; ``use_activation``: vLLM's
+    option, the sigmoid of a cross-encoder's logit instead of the logit)."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+    return_documents: bool = False
+    use_activation: bool = False
+    user: str | None = None
+
+
+class ScoreRequest(_Truncation):
+    """``POST /v1/score``: vLLM's request, ``text_1`` and ``text_2`` (or ``queries`` and ``documents``)."""
+
+    model: str
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    use_activation: bool = False
     user: str | None = None
 
 
@@ -100,6 +137,38 @@ class ClassifyResponse(BaseModel):
     created: int
     model: str
     data: list[ClassifyData]
+    usage: Usage
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
     usage: Usage
 
 
@@ -205,3 +274,18 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: CompletionUsage
+
+
+class LoRALoadRequest(_Request):
+    """vLLM's ``POST /v1/load_lora_adapter``: load the adapter folder ``lora_path`` as ``lora_name``."""
+
+    lora_name: str = Field(min_length=1, max_length=255)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    load_inplace: bool = False
+
+
+class LoRAUnloadRequest(_Request):
+    """vLLM's ``POST /v1/unload_lora_adapter``."""
+
+    lora_name: str = Field(min_length=1, max_length=255)
+    lora_int_id: int | None = None
