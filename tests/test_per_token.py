@@ -113,3 +113,30 @@ def test_bad_token_index_and_update():
         model(
             input_ids=torch.ones(1, 4, dtype=torch.long), adapter_names=["default"], adapter_token_index=torch.zeros(3)
         )
+
+
+def test_steps_of_the_same_adapters_keep_their_stacked_parameters(perturb):
+    """Continuous batching updates one BatchAdapters per step: the modules and stacks of the same names are
+    reused (no autograd), the gathered rows are not; new names or forget() drop what was kept."""
+    net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8))
+    model = _two_adapters(net, perturb, target_modules=["1"])
+    tuner = model.base_model
+    x = torch.randn(1, 5, 6)
+    with torch.no_grad():
+        alone = {name: model(x, adapter_names=[name]) for name in ["a", "b"]}
+    with torch.no_grad(), tuner.batch_adapters(["a", "b"], token_index=torch.tensor([[0, 1, 1, 0, 1]])) as batch:
+        model(x)
+        kept = dict(batch._kept)
+        assert any(key[0] == "stack" for key in kept)
+        batch.update(["a", "b"], torch.tensor([1, 1, 0, 0, 0]))
+        second = model(x)
+        assert all(batch._kept[k] is v for k, v in kept.items())  # the same stacks, a new gather
+        for t, name in enumerate("bbaaa"):
+            torch.testing.assert_close(second[0, t], alone[name][0, t], atol=1e-6, rtol=0)
+        layer = model.base_model.model[1]
+        layer.tuned_module("a").weight.mul_(2.0)  # changed in place: kept stacks are stale until forget()
+        batch.forget()
+        third = model(x)
+        assert not torch.allclose(third[0, 2], second[0, 2])
+        batch.update(["b"], torch.zeros(5, dtype=torch.long))
+        assert not any(key[0] == "stack" for key in batch._kept)

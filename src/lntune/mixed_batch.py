@@ -55,7 +55,8 @@ class BatchAdapters:
     names: list[str]
     index: torch.Tensor
     per_token: bool = False
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # what depends on the index (rows, gathered parameters)
+    _kept: dict = field(default_factory=dict, repr=False)  # what depends on the names only (modules, stacks)
 
     @classmethod
     def from_token_index(cls, names: Sequence[str], index: torch.Tensor) -> BatchAdapters:
@@ -81,13 +82,22 @@ class BatchAdapters:
         """New contents for the next forwards; the object set on the wrappers stays, so no wrapper is touched.
 
         Continuous batching keeps one per-token `BatchAdapters` on the model and updates it before each step.
+        While the names stay the same (steps of the same requests) the modules found for them, and without
+        autograd the stacks of their parameters, are kept; call `forget` after changing adapters in place.
         """
         index = index.reshape(-1).to(torch.long)
         if len(set(names)) != len(names):
             raise ValueError(f"adapter names must be distinct, got {list(names)}.")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(names)):
             raise ValueError(f"adapter index values must be in [0, {len(names)}), got {index.min()}..{index.max()}.")
+        if list(names) != self.names:
+            self._kept.clear()
         self.names, self.index = list(names), index
+        self._cache.clear()
+
+    def forget(self) -> None:
+        """Drop everything kept about the adapters (after adapters were loaded, unloaded or changed in place)."""
+        self._kept.clear()
         self._cache.clear()
 
     @classmethod
@@ -118,9 +128,9 @@ class BatchAdapters:
     def modules_of(self, wrapper: HasModuleFor) -> list[nn.Module]:
         """``wrapper.module_for(name)`` for each of `names`, computed once per batch."""
         key = ("modules", id(wrapper))
-        if key not in self._cache:
-            self._cache[key] = [wrapper.module_for(name) for name in self.names]
-        return self._cache[key]
+        if key not in self._kept:
+            self._kept[key] = [wrapper.module_for(name) for name in self.names]
+        return self._kept[key]
 
     def check_tokens(self, x: torch.Tensor) -> None:
         """Per token: raise a clear error unless ``x``'s batch and sequence dimensions hold one row per token."""
@@ -161,7 +171,8 @@ class BatchAdapters:
         """Parameter ``name`` of ``modules[index[i]]`` in row ``i``, in ``dtype``, viewed as ``shapes[name]``.
 
         ``modules`` are leaves with the same parameter names. Without autograd the result is kept for
-        the rest of the batch (parameters do not change during one forward or one ``generate``).
+        the rest of the batch (parameters do not change during one forward or one ``generate``), and the
+        stacks of the parameters for as long as the names stay the same (see `update`).
 
         Args:
             owner: The wrapper asking (the cache key, with the shapes).
@@ -179,13 +190,18 @@ class BatchAdapters:
             return self._cache[key]
         out: dict[str, torch.Tensor | None] = {}
         for name, shape in shapes.items():
-            params = [m._parameters[name] for m in modules]  # leaves: faster than getattr
-            if params[0] is None:
-                out[name] = None
-                continue
-            stacked = torch.stack(params)  # differentiable: gradients reach each adapter's parameters
-            if dtype is not None and stacked.dtype != dtype:
-                stacked = stacked.to(dtype)
+            stack_key = ("stack", id(owner), name, dtype)
+            stacked = None if grad else self._kept.get(stack_key)
+            if stacked is None:
+                params = [m._parameters[name] for m in modules]  # leaves: faster than getattr
+                if params[0] is None:
+                    out[name] = None
+                    continue
+                stacked = torch.stack(params)  # differentiable: gradients reach each adapter's parameters
+                if dtype is not None and stacked.dtype != dtype:
+                    stacked = stacked.to(dtype)
+                if not grad:
+                    self._kept[stack_key] = stacked
             out[name] = stacked.index_select(0, index).view(shape)
         if not grad:
             self._cache[key] = out

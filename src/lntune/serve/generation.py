@@ -140,8 +140,11 @@ class GenerationEngine:
         """Pause the engine between two steps (to load or unload adapters); new adapter layers join the routing."""
         running = self.manager is not None and self.manager.is_running()
         with self.manager.pause() if running else contextlib.nullcontext():
-            yield
-            self._attach()
+            try:
+                yield
+            finally:
+                self.batch.forget()  # what was kept of the adapters may have changed
+                self._attach()
 
     def _attach(self) -> None:
         """Put the per-token `BatchAdapters` on every adapter wrapper that lacks it (new ones, after a load)."""
