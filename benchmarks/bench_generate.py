@@ -1,9 +1,9 @@
 """Generation with many adapters: lntune's continuous batching against static batching and the PEFT way.
 
-    python benchmarks/bench_generate.py [--quick] [--requests 96] [--adapters 16] [--resident 1000]
+    python benchmarks/bench_generate.py [--quick] [--requests 128] [--adapters 32] [--rate 24] [--resident 1000]
 
-Model: a random Llama (4 layers, hidden 256, vocabulary 2,048; nothing downloaded), float32 on the CPU,
-one torch thread. Adapters: seeded random LN weights. Answers never stop early (no end-of-sequence token),
+Model: a random Llama (``--layers`` 4, ``--hidden`` 512, vocabulary 2,048; nothing downloaded), float32 on
+the CPU, one torch thread. Adapters: seeded random LN weights. Answers never stop early (no end-of-sequence token),
 so every request generates exactly its ``max_tokens``.
 
 Workload (the same arrival schedule for every way): ``--requests`` requests arrive over time (exponential
@@ -266,13 +266,15 @@ def many_adapters(args, base, states) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small smoke run")
-    p.add_argument("--requests", type=int, default=96)
-    p.add_argument("--adapters", type=int, default=16)
-    p.add_argument("--rate", type=float, default=8.0, help="arrivals per second")
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--rate", type=float, default=24.0, help="arrivals per second (the default saturates the CPU)")
     p.add_argument("--batch", type=int, default=32, help="most requests per batch or step")
     p.add_argument("--resident", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3, help="runs of each way (the median row is reported)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
@@ -284,10 +286,11 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
-        f"{platform.processor() or 'cpu'}; {args.threads} thread(s); {args.requests} requests over {args.adapters} "
+        f"{platform.processor() or 'cpu'}; {args.threads} thread(s); Llama {args.layers} layers, hidden {args.hidden}; "
+        f"{args.requests} requests over {args.adapters} "
         f"adapters at {args.rate:g}/s, answers 4-64 tokens; median of {args.repeats} runs\n"
     )
-    base = llama(4, 256, 2048)
+    base = llama(args.layers, args.hidden, 2048)
     names = [f"a{i}" for i in range(args.adapters)]
     states = adapter_states(base, args.adapters)
     requests = workload(args, names, 2048)
