@@ -41,6 +41,17 @@ def _fail(prog: str, message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _number(text: str, kind: type, allowed, expected: str, bound: str):
+    """``text`` as a ``kind`` (int or float) that ``allowed`` accepts; else argparse's one-line error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An option value that must be a whole number above 0 (``--batch-size``, ``--max-length``...).
 
@@ -48,13 +59,7 @@ def positive_int(text: str) -> int:
         >>> positive_int("16")
         16
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
+    return _number(text, int, lambda v: v > 0, "a whole number above 0", "above 0")
 
 
 def positive_float(text: str) -> float:
@@ -64,13 +69,7 @@ def positive_float(text: str) -> float:
         >>> positive_float("1e-2")
         0.01
     """
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a number above 0", "a finite number above 0")
 
 
 def non_negative_float(text: str) -> float:
@@ -80,13 +79,9 @@ def non_negative_float(text: str) -> float:
         >>> non_negative_float("0")
         0.0
     """
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, 0 or more, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
-    return value
+    return _number(
+        text, float, lambda v: math.isfinite(v) and v >= 0, "a number, 0 or more", "a finite number, 0 or more"
+    )
 
 
 def port(text: str) -> int:
@@ -96,13 +91,7 @@ def port(text: str) -> int:
         >>> port("8000")
         8000
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {value}")
-    return value
+    return _number(text, int, lambda v: 0 <= v <= 65535, "a whole number", "from 0 to 65535")
 
 
 def seed(text: str) -> int:
@@ -112,10 +101,4 @@ def seed(text: str) -> int:
         >>> seed("42")
         42
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED}, got {value}")
-    return value
+    return _number(text, int, lambda v: 0 <= v <= MAX_SEED, "a whole number", f"from 0 to {MAX_SEED}")
