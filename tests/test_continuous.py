@@ -66,10 +66,12 @@ def _collect(engine, prompt, adapter, max_tokens):
 
 def test_the_engine_has_what_lntune_relies_on():
     assert continuous.engine_problems() == []
-    assert continuous.slot_of("abc@3") == 3 and continuous.slot_of("abc@3__child#1") == 3
-    assert continuous.slot_of("__warmup_DECODING_0__") == 0
+    assert continuous.adapter_of(continuous.request_id("abc", "a3")) == "a3"
+    assert continuous.adapter_of("abc@a3__child#1") == "a3"  # a forked request keeps its parent's adapter
+    assert continuous.adapter_of("abc@__base____child#0") == "__base__"
+    assert continuous.adapter_of("__warmup_DECODING_0__") == "__base__"
     with pytest.raises(KeyError):
-        continuous.slot_of("no-slot")
+        continuous.adapter_of("no-adapter")
 
 
 def test_requests_of_several_adapters_equal_generate_each(setup):

@@ -6,8 +6,9 @@ tells the norm layers which adapter each packed token uses (a per-token `lntune.
 wrapping the ``compute_batch(model, batch_data)`` method of each model runner the manager creates, which runs
 right before every forward: it reads the requests of the step in packing order and their query lengths.
 
-* **Which adapter a request uses** travels in its request id, ``"<uuid>@<slot>"`` (`request_id`, `slot_of`):
-  no table to keep in sync with cancellations, and forked requests (``"<id>__child#i"``) inherit it.
+* **Which adapter a request uses** travels in its request id, ``"<uuid>@<adapter>"`` (`request_id`,
+  `adapter_of`; the adapter's name in the model): no table to keep in sync with cancellations, and forked
+  requests (``"<id>__child#i"``) inherit it.
 * **Prefix caching is off** (``allow_block_sharing=False``): the engine keys cached blocks by token ids only,
   so two adapters would otherwise share KV blocks of the same prompt (`engine_config`).
 * **Sizing is explicit** on the CPU (the engine's own sizing from system memory takes seconds and gigabytes);
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from lntune.mixed_batch import BASE_ADAPTER_NAME
 
 #: The Transformers releases this module was written against and tested with.
 TESTED_TRANSFORMERS = "5.25"
@@ -154,20 +157,24 @@ def request_sampling(temperature: float, top_p: float, vocab_size: int) -> dict:
     return {"temperature": float(temperature), "top_k": int(vocab_size), "top_p": float(top_p)}
 
 
-def request_id(unique: str, slot: int) -> str:
-    """The engine request id of a request running adapter slot ``slot``."""
-    return f"{unique}@{slot}"
+def request_id(unique: str, adapter: str) -> str:
+    """The engine request id of a request running ``adapter`` (its name in the model; ``"__base__"``: none).
+
+    ``unique`` must not contain ``"@"``; adapter names in the model contain neither ``"@"`` nor the engine's
+    fork separator.
+    """
+    return f"{unique}@{adapter}"
 
 
-def slot_of(engine_request_id: str) -> int:
-    """The adapter slot of a request, fork or warm-up request (slot 0: the base model)."""
-    base = engine_request_id.split(CHILD_SEPARATOR, 1)[0]
-    if base.startswith(WARMUP_PREFIX):
-        return 0
-    _, separator, slot = base.rpartition("@")
-    if not separator or not slot.isdigit():
-        raise KeyError(f"continuous-batching request {engine_request_id!r} carries no adapter slot")
-    return int(slot)
+def adapter_of(engine_request_id: str) -> str:
+    """The adapter of a request, fork or warm-up request (warm-up: the base model)."""
+    if engine_request_id.startswith(WARMUP_PREFIX):
+        return BASE_ADAPTER_NAME
+    _, separator, adapter = engine_request_id.partition("@")
+    adapter = adapter.split(CHILD_SEPARATOR, 1)[0]
+    if not separator or not adapter:
+        raise KeyError(f"continuous-batching request {engine_request_id!r} names no adapter")
+    return adapter
 
 
 @dataclass
@@ -271,7 +278,7 @@ class TokenRouter:
             )
         stats = self.stats
         stats.steps += 1
-        stats.max_adapters_in_step = max(stats.max_adapters_in_step, len({slot_of(i) for i in ids}))
+        stats.max_adapters_in_step = max(stats.max_adapters_in_step, len({adapter_of(i) for i in ids}))
         if any(n > 1 for n in lengths) and any(n == 1 for n in lengths):
             stats.mixed_prefill_decode_steps += 1
         stats.threads.add(threading.current_thread().name)
@@ -279,19 +286,19 @@ class TokenRouter:
         return Step(ids, lengths, num_tokens, greedy)
 
 
-def token_index(step: Step, positions: dict[int, int], device: torch.device) -> torch.Tensor:
-    """Each packed token's position in the step's adapter list: ``positions[slot of its request]``; padding tokens
-    (after the last request) take the first adapter's."""
-    slots = [positions[slot_of(i)] for i in step.request_ids]
-    index = torch.repeat_interleave(torch.tensor(slots, dtype=torch.long), torch.tensor(step.query_lengths))
+def token_index(step: Step, positions: dict[str, int], device: torch.device) -> torch.Tensor:
+    """Each packed token's position in the step's adapter list: ``positions[adapter of its request]``; padding
+    tokens (after the last request) take the first adapter's."""
+    rows = [positions[adapter_of(i)] for i in step.request_ids]
+    index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), torch.tensor(step.query_lengths))
     if step.num_tokens > index.numel():
         index = torch.cat([index, index.new_zeros(step.num_tokens - index.numel())])
     return index.to(device)
 
 
-def step_slots(step: Step) -> list[int]:
-    """The distinct adapter slots of a step, in first-seen order."""
-    return list(dict.fromkeys(slot_of(i) for i in step.request_ids))
+def step_adapters(step: Step) -> list[str]:
+    """The distinct adapters of a step, in first-seen order."""
+    return list(dict.fromkeys(adapter_of(i) for i in step.request_ids))
 
 
 def _guard(model: nn.Module, args: tuple, kwargs: dict):

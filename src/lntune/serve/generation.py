@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -53,9 +52,9 @@ class Completion:
 
 @dataclass(eq=False)
 class _Live:
-    """One request in the engine: its adapter slot, prompt, budget, sampling, and where its outputs go."""
+    """One request in the engine: its adapter, prompt, budget, sampling, and where its outputs go."""
 
-    slot: int
+    adapter: str
     prompt: list[int]
     max_new_tokens: int
     sampling: dict
@@ -106,10 +105,7 @@ class GenerationEngine:
         self.batch = BatchAdapters.from_token_index([BASE_ADAPTER_NAME], torch.zeros(1, dtype=torch.long))
         self.router: continuous.TokenRouter | None = None
         self.manager = None
-        self._slots: dict[str, int] = {BASE_ADAPTER_NAME: 0}
-        self._names: dict[int, str] = {0: BASE_ADAPTER_NAME}
         self._live: dict[str, _Live] = {}
-        self._lock = threading.Lock()
         self._restarting: asyncio.Future | None = None
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -156,19 +152,10 @@ class GenerationEngine:
                 wrapper.set_batch_adapters(self.batch)
 
     # ------------------------------------------------------------------------------ adapters
-    def slot(self, adapter: str) -> int:
-        """The slot of a loaded adapter's internal name (``"__base__"``: 0), made on first use."""
-        with self._lock:
-            if adapter not in self._slots:
-                number = len(self._names)
-                self._slots[adapter], self._names[number] = number, adapter
-            return self._slots[adapter]
-
     def _set_step(self, step: continuous.Step) -> None:
         """Before each forward (engine thread): point each token at its request's adapter."""
-        slots = continuous.step_slots(step)
-        positions = {s: i for i, s in enumerate(slots)}
-        names = [self._names[s] for s in slots]
+        names = continuous.step_adapters(step)
+        positions = {name: i for i, name in enumerate(names)}
         device = next(self.model.parameters()).device
         self.batch.update(names, continuous.token_index(step, positions, device))
 
@@ -185,7 +172,7 @@ class GenerationEngine:
             APIError: 500 if the request failed in a step that raised (the engine restarts; others go on).
         """
         live = _Live(
-            slot=self.slot(adapter),
+            adapter=adapter,
             prompt=list(prompt),
             max_new_tokens=max_new_tokens,
             sampling=continuous.request_sampling(temperature, top_p, self.vocab_size),
@@ -220,7 +207,7 @@ class GenerationEngine:
             if self._restarting is not None:
                 await self._restarting
             manager = self.manager
-            live.engine_id = continuous.request_id(uuid.uuid4().hex, live.slot)
+            live.engine_id = continuous.request_id(uuid.uuid4().hex, live.adapter)
             live.manager, live.router = manager, self.router
             self._live[live.engine_id] = live
             manager.register_result_handler(live.engine_id, lambda out, live=live: self._deliver(live, out))
