@@ -174,9 +174,14 @@ class AdapterWrapper(nn.Module):
         return names
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Toggle gradients of the named adapters' copies only (the original is never touched)."""
+        """Toggle gradients of the named adapters' copies only (the original is never touched).
+
+        Touches the named copies alone, so its cost does not grow with the adapters that train.
+        """
         named = {n for n in as_names(adapter_names) if self.has_adapter(n)}
-        self._set_trainable(self._trainable | named if requires_grad else self._trainable - named)
+        for name in named:
+            self.tuned_module(name).requires_grad_(requires_grad)
+        self._trainable = self._trainable | named if requires_grad else self._trainable - named
 
     def trainable_adapters(self) -> set[str]:
         """The adapters whose copies train here (as set by `set_adapter` and `set_requires_grad`)."""
