@@ -85,12 +85,15 @@ def cost_worker(adapters: int, steps: int, warmup: int) -> dict:
     names = [f"a{i}" for i in range(adapters)]
     sizes = {name: SIZES[i % len(SIZES)] for i, name in enumerate(names)}
     model = get_peft_model(model, LNTuningConfig(task_type="SEQ_CLS"), adapter_name=names[0])
+    rss = {"start": _rss()}
     start = time.perf_counter()
     model.add_adapters(names[1:], LNTuningConfig(task_type="SEQ_CLS"), num_labels=[sizes[n] for n in names[1:]])
     add_s = time.perf_counter() - start
+    rss["adapters"] = _rss()
     optimizer = AdapterAdamW(model, names, lr=LR, batch_size=BATCH, max_grad_norm=1.0, lr_lambda=lambda n, k: 1.0)
     params = adapter_parameters(model, names)
     _steady_state(optimizer, params, random.Random(0))
+    rss["optimizer"] = _rss()
     rng = random.Random(1)
     texts = _texts((warmup + steps) * BATCH)
     encoded = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)
@@ -129,7 +132,11 @@ def cost_worker(adapters: int, steps: int, warmup: int) -> dict:
             times.append(1000 * (time.perf_counter() - t))
         walk[what] = statistics.median(times)
     param_bytes = sum(p.numel() * p.element_size() for group in params.values() for p in group)
+    rss["end"] = _rss()
     return {
+        "rss_adapters": rss["adapters"] - rss["start"],
+        "rss_optimizer": rss["optimizer"] - rss["adapters"],
+        "rss_training": rss["end"] - rss["optimizer"],
         "adapters": adapters,
         "s_per_step": statistics.median(walls),
         "cpu_s_per_step": statistics.median(cpus),
@@ -140,6 +147,15 @@ def cost_worker(adapters: int, steps: int, warmup: int) -> dict:
         "state_bytes": optimizer.state_bytes(),
         **walk,
     }
+
+
+def _rss() -> int:
+    """Resident set size after returning freed heap to the OS (Linux)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
 
 
 def _steady_state(optimizer, params: dict, rng: random.Random) -> None:
@@ -177,20 +193,31 @@ def part_cost(levels: list[int], rounds: int, steps: int, warmup: int) -> str:
         return statistics.median(x[key] for x in results[k])
 
     one = levels[0]
+    mb = 2**20
     lines = [
-        "| adapters K | s/step (wall) | vs K=1 | CPU s/step | vs K=1 | adapter steps per step | peak RSS (MB) | "
-        "RSS - K=1 (MB) | adapters' params + AdamW + pending grads (MB) | add_adapters (s) | "
+        "| adapters K | s/step (wall) | vs K=1 | CPU s/step | vs K=1 | adapter steps per step | add_adapters (s) | "
         "model.train() ms | model.zero_grad() ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for k in levels:
-        state = (med(k, "param_bytes") + med(k, "state_bytes")) / 2**20
         lines.append(
             f"| {k:,d} | {med(k, 's_per_step'):.3f} | {med(k, 's_per_step') / med(one, 's_per_step'):.2f}x | "
             f"{med(k, 'cpu_s_per_step'):.3f} | {med(k, 'cpu_s_per_step') / med(one, 'cpu_s_per_step'):.2f}x | "
-            f"{med(k, 'adapter_steps_per_step'):.2f} | {med(k, 'peak_rss') / 2**20:.0f} | "
-            f"{(med(k, 'peak_rss') - med(one, 'peak_rss')) / 2**20:+.0f} | {state:.1f} | {med(k, 'add_s'):.2f} | "
+            f"{med(k, 'adapter_steps_per_step'):.2f} | {med(k, 'add_s'):.2f} | "
             f"{med(k, 'train_ms'):.1f} | {med(k, 'zero_grad_ms'):.1f} |"
+        )
+    lines += [
+        "",
+        "| adapters K | adapters' parameters (MB) | RSS of the adapters (MB) | optimizer state (MB) | RSS of the "
+        "optimizer (MB) | RSS of training, after (MB) | peak RSS (MB) | peak - K=1 (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k in levels:
+        lines.append(
+            f"| {k:,d} | {med(k, 'param_bytes') / mb:.1f} | {med(k, 'rss_adapters') / mb:+.1f} | "
+            f"{med(k, 'state_bytes') / mb:.1f} | {med(k, 'rss_optimizer') / mb:+.1f} | "
+            f"{med(k, 'rss_training') / mb:+.1f} | {med(k, 'peak_rss') / mb:.0f} | "
+            f"{(med(k, 'peak_rss') - med(one, 'peak_rss')) / mb:+.0f} |"
         )
     return "\n".join(lines)
 
@@ -252,8 +279,9 @@ names = sorted({r["customer"] for r in rows})[:count]
 tok = AutoTokenizer.from_pretrained(path)
 collate = DataCollatorWithPadding(tok)
 base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-config = lambda: peft.LNTuningConfig(task_type="SEQ_CLS")
+config = lambda: peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"])
 model = peft.get_peft_model(base, config(), adapter_name=names[0])
+setup = time.perf_counter() - start
 for name in names:
     if name not in model.peft_config:
         model.add_adapter(name, config())
@@ -271,7 +299,7 @@ for name in names:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(); optimizer.zero_grad()
     model.save_pretrained(out, selected_adapters=[name])
-print(time.perf_counter() - start)
+print(setup, time.perf_counter() - start)
 """
 
 API_WORKER = r"""
@@ -341,25 +369,31 @@ def part_alternatives(adapters: int, measured_runs: int, peft_adapters: int) -> 
             )
             print(f"  lntune train (one adapter): {singles[-1]:.1f} s", file=sys.stderr)
         argv = [sys.executable, "-c", PEFT_WORKER, str(train), str(tmp / "peft"), str(peft_adapters)]
-        peft_s = float(subprocess.run(argv, capture_output=True, text=True, env=_env(), check=True).stdout.split()[-1])
-        print(f"  PEFT, {peft_adapters} adapters one at a time: {peft_s:.1f} s", file=sys.stderr)
+        out = subprocess.run(argv, capture_output=True, text=True, env=_env(), check=True).stdout.split()
+        peft_setup, peft_s = float(out[-2]), float(out[-1])
+        print(
+            f"  PEFT, {peft_adapters} adapters one at a time: {peft_s:.1f} s ({peft_setup:.1f} s setup)",
+            file=sys.stderr,
+        )
         argv = [sys.executable, "-c", API_WORKER, str(train), str(tmp / "api")]
         api_s = float(subprocess.run(argv, capture_output=True, text=True, env=_env(), check=True).stdout.split()[-1])
         print(f"  lntune Python API loop: {api_s:.1f} s ({_load()})", file=sys.stderr)
     single = statistics.mean(singles)
+    peft_all = peft_setup + (peft_s - peft_setup) * adapters / peft_adapters
+    peft_how = "measured" if peft_adapters == adapters else "extrapolated, a lower bound"
     lines = [
         f"| way to train {adapters} adapters of {train_each} examples (2 classes, {eval_each} held out each) | "
         f"measured | wall time for all {adapters} | vs --adapter-column |",
         "|---|---|---|---|",
         f"| `lntune train --adapter-column` (one process; evaluates 5 times) | 1 run: {multi:.1f} s | "
         f"**{multi:.0f} s** | 1.0x |",
-        f"| lntune Python API loop (`add_adapters`, `AdapterAdamW`; no evaluation) | 1 run: {api_s:.1f} s | "
-        f"{api_s:.0f} s | {api_s / multi:.2f}x |",
         f"| {adapters} separate `lntune train` runs (each evaluates 5 times) | {measured_runs} runs: {single:.1f} s "
         f"each | {adapters * single:.0f} s (extrapolated) | {adapters * single / multi:.1f}x |",
+        f"| lntune Python API loop (`add_adapters`, `AdapterAdamW`, save; no evaluation) | 1 run: {api_s:.1f} s | "
+        f"{api_s:.0f} s | {api_s / multi:.2f}x |",
         f"| PEFT: one adapter at a time (`add_adapter`, `set_adapter`, its steps, save; no evaluation) | "
-        f"{peft_adapters} adapters: {peft_s:.1f} s | {peft_s * adapters / peft_adapters:.0f} s (extrapolated, "
-        f"a lower bound) | {peft_s * adapters / peft_adapters / multi:.1f}x |",
+        f"{peft_adapters} adapters: {peft_s:.1f} s ({peft_setup:.1f} s to start) | {peft_all:.0f} s ({peft_how}) | "
+        f"{peft_all / multi:.2f}x |",
     ]
     return "\n".join(lines)
 
@@ -481,7 +515,7 @@ def main() -> None:
             args.levels, args.rounds, args.steps, args.warmup = [1, 10], 1, 3, 1
         print(part_cost(args.levels, args.rounds, args.steps, args.warmup))
     elif args.part == "alternatives":
-        adapters, runs, peft_adapters = (4, 1, 2) if args.quick else (args.adapters, 3, 10)
+        adapters, runs, peft_adapters = (4, 1, 2) if args.quick else (args.adapters, 3, args.adapters)
         print(part_alternatives(adapters, runs, peft_adapters))
     else:
         print(part_quality(args.seeds[:1] if args.quick else args.seeds, args.scenarios))

@@ -17,7 +17,7 @@ from lntune.checkpoint import CheckpointError
 from lntune.collators import AdapterCollator
 from lntune.mixed_batch import BatchAdapters
 from lntune.modules_to_save import ModulesToSaveWrapper
-from lntune.multi_adapter import AdapterAdamW, adapter_cross_entropy, adapter_parameters
+from lntune.multi_adapter import AdapterAdamW, AdapterBatchSampler, adapter_cross_entropy, adapter_parameters
 
 SIZES = {"two": 2, "five": 5, "three": 3}  # the tiny BERT's own head has 3 classes
 
@@ -375,3 +375,50 @@ def test_adapter_cross_entropy_ignores_padded_classes():
     ) / 2
     torch.testing.assert_close(adapter_cross_entropy(logits, labels), expected)
     assert math.isclose(float(adapter_cross_entropy(logits, labels, scale=4)), float(expected) / 2, rel_tol=1e-6)
+
+
+def test_the_sampler_gives_each_adapter_runs_of_its_batch_size_in_a_new_order_each_epoch():
+    adapters = ["a"] * 5 + ["b"] * 9 + ["c"] * 16 + ["d"] * 2
+    sampler = AdapterBatchSampler(adapters, batch_size=4, seed=3)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(adapters))) and order == list(sampler)  # each once, deterministic
+        runs = []  # consecutive examples of one adapter, cut every 4 of its own
+        for i in order:
+            if runs and runs[-1][0] == adapters[i] and len(runs[-1][1]) < 4:
+                runs[-1][1].append(i)
+            else:
+                runs.append((adapters[i], [i]))
+        sizes = {name: [len(r) for n, r in runs if n == name] for name in "abcd"}
+        assert sizes == {"a": [4, 1], "b": [4, 4, 1], "c": [4, 4, 4, 4], "d": [2]}  # the short run last
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_in_the_samplers_order_each_adapter_makes_the_steps_of_its_own_run():
+    """3 adapters of 5, 9 and 16 examples, batch 4, 2 epochs: 2 x 2, 2 x 3 and 2 x 4 steps, nothing left over."""
+    counts = {"two": 5, "five": 9, "three": 16}
+    model = _ragged(lambda *a, **k: None, SIZES).eval()
+    adapters = [name for name, n in counts.items() for _ in range(n)]
+    ids, labels = _examples(adapters)
+    total = 2 * math.ceil(len(adapters) / 4)
+    optimizer = AdapterAdamW(model, list(counts), lr=0.01, batch_size=4, epoch_examples=counts, total_steps=total)
+    sampler = AdapterBatchSampler(adapters, batch_size=4, seed=0)
+    taken = {name: [] for name in counts}
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(order), 4):
+            rows = order[start : start + 4]
+            names = [adapters[i] for i in rows]
+            logits = model(input_ids=ids[rows], adapter_names=names).logits
+            adapter_cross_entropy(logits, labels[rows], scale=4).backward()
+            before = optimizer.adapter_steps()
+            optimizer.add_batch(names)
+            optimizer.step()
+            for name, steps in optimizer.adapter_steps().items():
+                if steps != before.get(name, 0):
+                    taken[name].append(start)
+    assert optimizer.adapter_steps() == {"two": 4, "five": 6, "three": 8} and not optimizer.pending()

@@ -11,7 +11,7 @@ from lntune.hotswap import hotswap_adapter
 from lntune.layer import LNTuningLayer
 from lntune.model import LNTuningModel
 from lntune.modules_to_save import ModulesToSaveWrapper
-from lntune.multi_adapter import AdapterAdamW, adapter_cross_entropy, adapter_parameters
+from lntune.multi_adapter import AdapterAdamW, AdapterBatchSampler, adapter_cross_entropy, adapter_parameters
 from lntune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TARGET_MODULES_BY_MODEL_TYPE",
     "AdapterAdamW",
+    "AdapterBatchSampler",
     "LNTuningConfig",
     "LNTuningLayer",
     "LNTuningModel",

@@ -6,6 +6,8 @@ What else a loop over K adapters needs is here:
 * `adapter_cross_entropy`: each sample's cross-entropy over its own adapter's classes (heads of
   different sizes are padded to the batch's largest; the padding never counts);
 * `adapter_parameters`: each adapter's trainable tensors, found without walking the model;
+* `AdapterBatchSampler`: an order of the examples in which each adapter's come in runs of its own batch
+  size, so that each adapter's steps use exactly the batches its own run would draw;
 * `AdapterAdamW`: AdamW with one parameter group per adapter, whose steps touch only the adapters of
   the batch. With ``batch_size=B`` each adapter steps once it has seen B examples of its own (its
   gradients accumulate, as their mean, over the mixed batches in between), with its own learning-rate
@@ -27,6 +29,7 @@ What else a loop over K adapters needs is here:
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -355,6 +358,78 @@ class AdapterAdamW(torch.optim.AdamW):
         moments = sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if t.dim())
         held = sum(g.numel() * g.element_size() for grads in self._accumulated.values() for g in grads)
         return moments + held
+
+
+class AdapterBatchSampler(torch.utils.data.Sampler[int]):
+    """An order of a many-adapter data set in which each adapter's examples come in runs of ``batch_size``.
+
+    Each epoch, every adapter's examples are shuffled and cut into runs of ``batch_size`` (its last run
+    smaller if need be), as its own run would cut them into batches; the runs of all adapters are then
+    interleaved at random (each adapter's smaller run last among its own) and read one after the other,
+    never starting a run in the batch where its adapter's previous run ended. A data loader with the same
+    ``batch_size`` then gives mixed batches (a run may end in one batch, the next adapter's begin there),
+    and `AdapterAdamW` with that ``batch_size`` steps each adapter at the end of each of its runs: on
+    exactly the examples of one of its own batches. (Only when every adapter left is waiting, at the end of
+    an epoch with one adapter left, do two of its runs share a batch, and step together.) Deterministic
+    for a given seed and epoch.
+
+    Args:
+        adapters: The adapter of each example, in the data set's order.
+        batch_size: Examples per run (under DDP: the per-process batch times the number of processes).
+        seed: Seeds the order (with the epoch, see `set_epoch`).
+
+    Example:
+        >>> sampler = AdapterBatchSampler(["a", "a", "a", "b", "b"], batch_size=2, seed=0)
+        >>> [["a", "a", "a", "b", "b"][i] for i in sampler]
+        ['a', 'a', 'b', 'b', 'a']
+    """
+
+    def __init__(self, adapters: Sequence[str], batch_size: int, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.groups: dict[str, list[int]] = {}
+        for i, name in enumerate(adapters):
+            self.groups.setdefault(name, []).append(i)
+        self.length = len(adapters)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of epoch ``epoch`` (Trainer and accelerate call this at the start of each epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return iter(self.order())
+
+    def order(self) -> list[int]:
+        """This epoch's order (see the class)."""
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        size = self.batch_size
+        runs: dict[str, list[list[int]]] = {}
+        for name, rows in self.groups.items():
+            order = rows[:]
+            rng.shuffle(order)
+            runs[name] = [order[i : i + size] for i in range(0, len(order), size)]
+        slots = [name for name, theirs in runs.items() for _ in theirs]
+        rng.shuffle(slots)  # which adapter's run comes next; each adapter's own runs stay in order
+        taken = dict.fromkeys(runs, 0)
+        last_end = dict.fromkeys(runs, -1)
+        out: list[int] = []
+        for i in range(len(slots)):
+            # A run may not start in the batch where its adapter's previous run ended: the two would share
+            # that batch's gradient. Take the next slot whose adapter is free (none free: runs share a batch).
+            start = len(out) - len(out) % size
+            j = next((j for j in range(i, len(slots)) if last_end[slots[j]] < start), i)
+            slots[i], slots[j] = slots[j], slots[i]
+            name = slots[i]
+            out += runs[name][taken[name]]
+            taken[name] += 1
+            last_end[name] = len(out) - 1
+        return out
 
 
 def _has_grad(group: dict) -> bool:

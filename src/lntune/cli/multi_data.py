@@ -51,7 +51,7 @@ def folder_name(value: str) -> str:
 
     Example:
         >>> folder_name("acme-2"), folder_name("Books & Literature")
-        ('acme-2', 'Books_Literature-4b4d1e0f')
+        ('acme-2', 'Books_Literature-574827e7')
     """
     if _SAFE_FOLDER.fullmatch(value):
         return value

@@ -2,6 +2,7 @@
 
 * The loss is each sample's cross-entropy over its own adapter's classes (`lntune.adapter_cross_entropy`;
   the model's own loss assumes one head size), scaled by ``1 / batch size`` per sample.
+* The training order is `lntune.AdapterBatchSampler`'s: each adapter's examples in runs of the batch size.
 * The optimizer is `lntune.AdapterAdamW`: each adapter steps once per batch of its own examples, with its
   own learning-rate schedule (Trainer's, over the adapter's own steps) and its own gradient clipping, as
   its own run would. Trainer's scheduler only reports the run's schedule.
@@ -21,7 +22,7 @@ from transformers import get_scheduler
 
 from lntune.checkpoint import load_into_adapter
 from lntune.cli.trainer import AdapterTrainer
-from lntune.multi_adapter import AdapterAdamW, adapter_cross_entropy
+from lntune.multi_adapter import AdapterAdamW, AdapterBatchSampler, adapter_cross_entropy
 
 
 class MultiAdapterTrainer(AdapterTrainer):
@@ -105,6 +106,12 @@ class MultiAdapterTrainer(AdapterTrainer):
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
         return self.lr_scheduler
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Each adapter's examples in runs of the (global) batch size: each adapter steps on one batch of its own."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        batch = self.args.per_device_train_batch_size * self.args.world_size
+        return AdapterBatchSampler([example["adapter_name"] for example in dataset], batch, seed=self.args.seed)
 
     def _get_grad_norm(self, model, grad_norm=None):
         return None  # Trainer's would visit every adapter's parameters at every step; clipping is per adapter
