@@ -422,3 +422,22 @@ def test_in_the_samplers_order_each_adapter_makes_the_steps_of_its_own_run():
                 if steps != before.get(name, 0):
                     taken[name].append(start)
     assert optimizer.adapter_steps() == {"two": 4, "five": 6, "three": 8} and not optimizer.pending()
+
+
+def test_train_eval_and_zero_grad_reach_every_module_and_parameter(perturb):
+    """The wrappers' train() and PeftModel.zero_grad() skip a call per copy: the result must be torch's."""
+    model = _ragged(perturb)
+    modules = list(model.modules())
+    for mode in (True, False, True):
+        for i, module in enumerate(modules):  # scramble every flag first
+            module.training = bool(i % 2) != mode
+        assert model.train(mode) is model
+        assert all(m.training == mode for m in modules)
+    params = list(model.parameters())
+    assert len(params) > 30 and any(not p.requires_grad for p in params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    model.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    model.zero_grad()
+    assert all(p.grad is None for p in params)

@@ -208,7 +208,15 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
     metrics = _summary(args, run, trainer, result, before, before_adapters, after)
     if is_main_process():
         _finish(trainer, args, model_path, run, metrics, output)
+    _wait_for_every_process()  # every process ends when the output is published
     return metrics
+
+
+def _wait_for_every_process() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _announce(args, model_path: str, run: _Prepared, total_steps: int) -> None:
