@@ -474,15 +474,18 @@ def _quality_table(scenario: str, column: str, seeds: list[int], alone: dict, to
     all_diffs = [d for v in values for d in diffs[v]]
     lines.append(f"| **mean** | | | {cells} | {_points(statistics.mean(all_diffs))} |")
     worst = min(values, key=lambda v: statistics.mean(diffs[v]))
-    noise = [abs(alone[seeds[0]][v] - alone[seeds[1]][v]) for v in values] if len(seeds) > 1 else []
+    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
+    noise = [abs(alone[a][v] - alone[b][v]) for v in values for a, b in pairs]
+    means = {s: statistics.mean(diffs[v][i] for v in values) for i, s in enumerate(seeds)}
     summary = (
         f"\n{scenario}: together - alone, mean over adapters and seeds {_points(statistics.mean(all_diffs))}; "
         f"worst adapter {worst} {_points(statistics.mean(diffs[worst]))} (mean of its seeds), "
         f"{_points(min(all_diffs))} (worst single seed)."
     )
+    summary += " Per seed, mean over adapters: " + ", ".join(f"s{s} {_points(m)}" for s, m in means.items()) + "."
     if noise:
         summary += (
-            f" Noise floor, alone seed {seeds[0]} vs alone seed {seeds[1]}: mean |difference| "
+            f" Noise floor, alone vs alone across seeds ({len(pairs)} pairs): mean |difference| "
             f"{100 * statistics.mean(noise):.1f} points, largest {100 * max(noise):.1f} points."
         )
     return "\n".join(lines) + summary

@@ -306,8 +306,17 @@ def _finish(trainer, args, model_path: str, run: _Prepared, metrics: dict, outpu
         folder = work / adapter.folder
         save_adapter(run.model, adapter.name, folder)
         mine = metrics["per_adapter"][adapter.value]
+        history = [
+            {
+                "step": e["step"],
+                "eval_accuracy": e["accuracy"].get(adapter.name),
+                "eval_loss": e["loss"].get(adapter.name),
+            }
+            for e in trainer.evaluations
+        ]
         adapter_metrics = {
             **{k: v for k, v in mine.items() if k != "folder"},
+            "eval_history": history,
             "learning_rate": args.lr,
             "adapter_column": args.adapter_column,
             "adapter_value": adapter.value,
