@@ -145,15 +145,25 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _planned_steps(adapters: list[AdapterData], args: argparse.Namespace, total_steps: int) -> dict[str, int]:
-    """Each adapter's steps, as its own run with the same options would make them (its schedule runs over them)."""
+def _schedules(args, work: Path, adapters: list[AdapterData], total_steps: int) -> dict[str, tuple[float, int, int]]:
+    """Each adapter's ``(peak learning rate, warm-up steps, steps)``: what ``lntune train`` would choose for a run
+    of that adapter alone with the same options (`_training_arguments` for its own number of steps), so that
+    defaults that depend on a run's length follow each adapter's."""
     from lntune.multi_adapter import adapter_steps_planned
 
     batch = args.batch_size * _world_size()
     epochs = args.epochs
     if args.max_steps:  # the share of the data the run covers, as epochs
         epochs = total_steps * batch / sum(len(a.train) for a in adapters)
-    return {a.name: adapter_steps_planned(len(a.train), batch, epochs) for a in adapters}
+    chosen: dict[int, tuple[float, int, int]] = {}
+    out = {}
+    for adapter in adapters:
+        steps = adapter_steps_planned(len(adapter.train), batch, epochs)
+        if steps not in chosen:
+            alone = _training_arguments(args, work, steps)
+            chosen[steps] = (alone.learning_rate, alone.get_warmup_steps(steps), steps)
+        out[adapter.name] = chosen[steps]
+    return out
 
 
 def _make_trainer(args, run: _Prepared, work: Path, total_steps: int, callbacks: list):
@@ -176,7 +186,7 @@ def _make_trainer(args, run: _Prepared, work: Path, total_steps: int, callbacks:
         callbacks=[EvalLines(total_steps), *callbacks],
         adapters=[a.name for a in run.adapters],
         epoch_examples={a.name: len(a.train) for a in run.adapters},
-        planned_steps=_planned_steps(run.adapters, args, total_steps),
+        schedules=_schedules(args, work, run.adapters, total_steps),
         max_grad_norm=max_grad_norm,
         total_steps=total_steps,
     )

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -31,7 +30,8 @@ class MultiAdapterTrainer(AdapterTrainer):
     Args:
         adapters: The adapters to train (every example's ``adapter_name`` is one of them).
         epoch_examples: ``{adapter: its training examples}``: a partial batch steps at the end of its epoch.
-        planned_steps: ``{adapter: the steps its own run would make}``: its schedule runs over them.
+        schedules: ``{adapter: (peak learning rate, warm-up steps, steps)}``: the schedule its own run would
+            follow (Trainer's ``lr_scheduler_type``, over the adapter's own steps).
         max_grad_norm: Clip each adapter's gradient to this norm (None: no clipping).
         total_steps: The run's steps; its last steps every adapter with examples pending.
         *args, **kwargs: `AdapterTrainer`'s (``args.max_grad_norm`` must be 0: clipping is per adapter).
@@ -42,7 +42,7 @@ class MultiAdapterTrainer(AdapterTrainer):
         *args,
         adapters: list[str],
         epoch_examples: dict[str, int],
-        planned_steps: dict[str, int],
+        schedules: dict[str, tuple[float, int, int]],
         max_grad_norm: float | None,
         total_steps: int,
         **kwargs,
@@ -51,7 +51,7 @@ class MultiAdapterTrainer(AdapterTrainer):
         self.adapters = list(adapters)
         self.index = {name: i for i, name in enumerate(self.adapters)}
         self.epoch_examples = dict(epoch_examples)
-        self.planned_steps = dict(planned_steps)
+        self.schedules = dict(schedules)
         self.adapter_max_grad_norm = max_grad_norm
         self.total_steps = total_steps
         self.adapter_optimizer: AdapterAdamW | None = None
@@ -61,28 +61,27 @@ class MultiAdapterTrainer(AdapterTrainer):
     # ------------------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            args, total = self.args, self.total_steps
-            warmup = args.get_warmup_steps(total) / total if total else 0.0
+            args = self.args
             world = args.world_size
-            lambdas: dict[int, object] = {}
+            lambdas: dict[tuple[int, int], object] = {}
 
-            def lambda_for(steps: int):
-                if steps not in lambdas:  # Trainer's schedule, over the adapter's own steps
+            def lambda_for(warmup: int, steps: int):
+                if (warmup, steps) not in lambdas:  # Trainer's schedule, over the adapter's own steps
                     scheduler = get_scheduler(
                         args.lr_scheduler_type,
                         optimizer=_display_optimizer(1.0),
-                        num_warmup_steps=math.ceil(warmup * steps),
+                        num_warmup_steps=warmup,
                         num_training_steps=steps,
                         scheduler_specific_kwargs=args.lr_scheduler_kwargs,
                     )
-                    lambdas[steps] = scheduler.lr_lambdas[0]
-                return lambdas[steps]
+                    lambdas[warmup, steps] = scheduler.lr_lambdas[0]
+                return lambdas[warmup, steps]
 
-            schedules = {name: lambda_for(self.planned_steps[name]) for name in self.adapters}
+            schedules = {name: lambda_for(*self.schedules[name][1:]) for name in self.adapters}
             self.adapter_optimizer = AdapterAdamW(
                 model if model is not None else self.model,
                 self.adapters,
-                lr=args.learning_rate,
+                lr={name: self.schedules[name][0] for name in self.adapters},
                 betas=(args.adam_beta1, args.adam_beta2),
                 eps=args.adam_epsilon,
                 weight_decay=args.weight_decay,
@@ -90,7 +89,7 @@ class MultiAdapterTrainer(AdapterTrainer):
                 epoch_examples=self.epoch_examples,
                 lr_lambda=lambda name, step: schedules[name](step),
                 max_grad_norm=self.adapter_max_grad_norm,
-                total_steps=total,
+                total_steps=self.total_steps,
             )
             self.optimizer = self.adapter_optimizer
         return self.optimizer
