@@ -109,6 +109,16 @@ def shared(runner, tmp_path_factory) -> dict[str, str]:
     _write(data, "new-label.csv", "text,label\nso so,neutral\nfine,positive\n")
     _write(data, "one-row.csv", "text,label\ngreat,positive\n")
     _write(data, "notes.txt", "hello\n")
+    two = "great,positive,{v}\nawful,negative,{v}\nnice,positive,{v}\nbad,negative,{v}\n"
+    _write(data, "multi.csv", "text,label,task\n" + two.format(v="a") + two.format(v="b"))
+    _write(data, "multi-one-class.csv", "text,label,task\n" + two.format(v="a") + "fine,positive,b\nok,positive,b\n")
+    _write(data, "multi-one-row.csv", "text,label,task\n" + two.format(v="a") + "fine,positive,b\n")
+    _write(data, "multi-eval-a.csv", "text,label,task\n" + two.format(v="a"))
+    _write(data, "multi-eval-c.csv", "text,label,task\n" + two.format(v="a") + two.format(v="b") + "so so,negative,c\n")
+    _write(data, "multi-eval-new.csv", "text,label,task\n" + two.format(v="a") + "meh,neutral,b\n")
+    _write(data, "multi-no-value.csv", "text,label,task\ngreat,positive,a\nawful,negative,\n")
+    _write(data, "multi-list.jsonl", '{"text": "great", "label": "positive", "task": ["a"]}\n')
+    _write(data, "multi-all-bad.csv", "text,label,task\ngreat,positive,a\nnice,positive,a\nfine,positive,b\n")
     (root / "empty-model").mkdir()
     broken = root / "broken-model"
     broken.mkdir()
@@ -191,6 +201,41 @@ CASES: dict[str, tuple[list[str], str]] = {
     "unseen eval label": ([*T[:-1], D + "new-label.csv"], "labels ['neutral'] do not occur in the training data"),
     "eval data without data": (["train", "--model", "{bert}", "--eval-data", "{eval}"], "--eval-data needs --data"),
     "one example to split": ([*B, D + "one-row.csv"], "too few to hold out"),
+    # lntune train --adapter-column: one adapter per value
+    "adapter column missing": ([*T, "--adapter-column", "customer"], "no column 'customer' (columns: text, label)"),
+    "adapter column is the label": ([*B, D + "multi.csv", "--adapter-column", "label"], "also the text or label"),
+    "adapter column without data": (["train", "--model", "{bert}", "--adapter-column", "task"], "needs --data"),
+    "adapter column for causal-lm": (
+        [*B, D + "multi.csv", "--adapter-column", "task", "--task", "causal-lm"],
+        "--adapter-column trains classifiers",
+    ),
+    "adapter value with one class": (
+        [*B, D + "multi-one-class.csv", "--adapter-column", "task"],
+        "value 'b' of column 'task' has only one class ('positive') in its 1 training example;",
+    ),
+    "adapter value with one example": (
+        [*B, D + "multi-one-row.csv", "--adapter-column", "task"],
+        "value 'b' of column 'task' has 1 example: too few to hold one out and train",
+    ),
+    "adapter value without held-out": (
+        [*B, D + "multi.csv", "--eval-data", D + "multi-eval-a.csv", "--adapter-column", "task"],
+        "value 'b' of column 'task' has no held-out examples in --eval-data",
+    ),
+    "held-out value without training": (
+        [*B, D + "multi.csv", "--eval-data", D + "multi-eval-c.csv", "--adapter-column", "task"],
+        "value 'c' of column 'task' has no training examples in --data",
+    ),
+    "adapter value with unseen held-out label": (
+        [*B, D + "multi.csv", "--eval-data", D + "multi-eval-new.csv", "--adapter-column", "task"],
+        "its held-out labels ['neutral'] do not occur in its training examples",
+    ),
+    "adapter value missing": ([*B, D + "multi-no-value.csv", "--adapter-column", "task"], "row 2 has no value in"),
+    "adapter value is a list": ([*B, D + "multi-list.jsonl", "--adapter-column", "task"], "cannot name an adapter"),
+    "every adapter value bad, skipped": (
+        [*B, D + "multi-all-bad.csv", "--adapter-column", "task", "--skip-bad-adapters"],
+        "no value can be trained ('a': one class, 'b': 1 example)",
+    ),
+    "skip-bad-adapters alone": ([*T, "--skip-bad-adapters"], "--skip-bad-adapters needs --adapter-column"),
     # lntune train: model
     "missing model": (["train", "--model", "nope", "--data", "{train}"], "--model nope: no such folder"),
     "model is a file": (["train", "--model", "{train}", "--data", "{train}"], "is a file"),

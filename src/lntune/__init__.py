@@ -11,6 +11,7 @@ from lntune.hotswap import hotswap_adapter
 from lntune.layer import LNTuningLayer
 from lntune.model import LNTuningModel
 from lntune.modules_to_save import ModulesToSaveWrapper
+from lntune.multi_adapter import AdapterAdamW, AdapterBatchSampler, adapter_cross_entropy, adapter_parameters
 from lntune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TARGET_MODULES_BY_MODEL_TYPE",
+    "AdapterAdamW",
+    "AdapterBatchSampler",
     "LNTuningConfig",
     "LNTuningLayer",
     "LNTuningModel",
@@ -44,6 +47,8 @@ __all__ = [
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",
+    "adapter_cross_entropy",
+    "adapter_parameters",
     "detect_norm_layers",
     "get_base_model_state_dict",
     "get_layer_status",

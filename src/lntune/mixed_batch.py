@@ -11,6 +11,11 @@ The pieces here take modules, parameters and tensors, never a wrapper's internal
   batched matmul.
 * **grouped** (`grouped_forward`): any other module runs once per adapter on its group of samples.
 
+Classifier heads may have a different number of outputs per adapter (``add_adapter(..., num_labels=...)``).
+A batch over heads of several sizes still runs as one batched matmul: each sample's head is padded to
+the batch's largest, and the padded outputs hold the dtype's most negative finite value (`pad_logits`),
+which softmax and cross-entropy give zero weight (never NaN). The grouped path pads the same way.
+
 All three are differentiable, so a mixed batch trains every adapter it names. Their cost depends on
 the batch (the adapters it names), never on how many adapters are resident.
 
@@ -30,6 +35,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from lntune.precision import call_with_parameters
 
@@ -206,6 +212,61 @@ class BatchAdapters:
         if not grad:
             self._cache[key] = out
         return out
+
+    def per_sample_head(
+        self, owner: object, modules: list[nn.Linear], index: torch.Tensor, dtype: torch.dtype | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The weight and bias of ``modules[index[i]]`` in row ``i``, padded to the largest head of the batch.
+
+        Args:
+            owner: The wrapper asking (the cache key).
+            modules: One ``Linear`` per adapter of the batch (`modules_of`), same ``in_features``.
+            index: Per-row index into ``modules`` (`index_for`).
+            dtype: The dtype to compute in (``None``: the parameters' own).
+
+        Returns:
+            ``(weight, bias, padded)``: ``(rows, out, in)``, ``(rows, out)`` or None, and a boolean
+            ``(rows, out)`` mask of the padded outputs (None when every head has ``out`` outputs), where
+            ``out`` is the largest ``out_features`` of the batch. Padded weights and biases are zeros.
+        """
+        key = ("head", id(owner))
+        grad = torch.is_grad_enabled()
+        if not grad and key in self._cache:
+            return self._cache[key]
+        sizes = [m.weight.shape[0] for m in modules]
+        widest = max(sizes)
+        has_bias = modules[0].bias is not None
+        if min(sizes) == widest:
+            weight = torch.stack([m.weight for m in modules])
+            bias = torch.stack([m.bias for m in modules]) if has_bias else None
+            padded = None
+        else:  # heads of several sizes: zero rows below each smaller head, masked afterwards
+            weight = pad_sequence([m.weight for m in modules], batch_first=True)
+            bias = pad_sequence([m.bias for m in modules], batch_first=True) if has_bias else None
+            outputs = torch.arange(widest, device=weight.device)
+            padded = outputs >= torch.tensor(sizes, device=weight.device).unsqueeze(1)
+            padded = padded.index_select(0, index.to(weight.device))
+        if dtype is not None and weight.dtype != dtype:
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        out = (weight.index_select(0, index), None if bias is None else bias.index_select(0, index), padded)
+        if not grad:
+            self._cache[key] = out
+        return out
+
+
+def pad_logits(out: torch.Tensor, padded: torch.Tensor | None) -> torch.Tensor:
+    """``out`` (rows first, outputs last) with the ``padded`` outputs of each row set to the dtype's most
+    negative finite value: softmax gives them probability 0 and cross-entropy ignores them, without NaN.
+
+    Example:
+        >>> pad_logits(torch.zeros(2, 3), torch.tensor([[False, False, True], [False, False, False]]))[0, 2]
+        tensor(-3.4028e+38)
+    """
+    if padded is None:
+        return out
+    view = padded.view(padded.shape[0], *([1] * (out.dim() - 2)), padded.shape[1])
+    return out.masked_fill(view, torch.finfo(out.dtype).min)
 
 
 def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -398,11 +459,12 @@ def per_sample_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def can_run_linear_per_sample(modules: list[nn.Module], args: tuple, kwargs: dict) -> bool:
-    """Whether `per_sample_linear` can run this call: plain ``Linear`` copies on one tensor, small enough."""
+    """Whether `per_sample_linear` can run this call: plain ``Linear`` copies on one tensor, small enough
+    (their output sizes may differ: see `BatchAdapters.per_sample_head`)."""
     if len(args) != 1 or kwargs or not all(type(m) is nn.Linear for m in modules):
         return False
-    weight = modules[0].weight
-    return args[0].dim() >= 2 and args[0].shape[0] * weight.numel() <= MAX_GATHERED_WEIGHT
+    widest = max(m.weight.shape[0] for m in modules)
+    return args[0].dim() >= 2 and args[0].shape[0] * widest * modules[0].weight.shape[1] <= MAX_GATHERED_WEIGHT
 
 
 def call_with(module: nn.Module, params: dict[str, torch.Tensor | None], args: tuple, kwargs: dict):
@@ -411,7 +473,7 @@ def call_with(module: nn.Module, params: dict[str, torch.Tensor | None], args: t
     return call_with_parameters(module, slots, list(params.values()), args, kwargs)
 
 
-def grouped_forward(runs: list[Callable], index: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+def grouped_forward(runs: list[Callable], index: torch.Tensor, args: tuple, kwargs: dict, ragged: bool = False) -> Any:
     """Run ``runs[k](...)`` on the rows whose ``index`` is ``k`` and reassemble the batch.
 
     Every tensor argument whose first dimension equals the batch's is split the same way; other
@@ -422,6 +484,8 @@ def grouped_forward(runs: list[Callable], index: torch.Tensor, args: tuple, kwar
         index: The adapter of each row, as an index into ``runs``.
         args: Positional arguments of the call.
         kwargs: Keyword arguments of the call.
+        ragged: The groups' outputs may differ in their last dimension (heads of several sizes): shorter
+            floating outputs are padded to the longest with the dtype's most negative finite value.
 
     Returns:
         The outputs of the groups, reassembled in row order.
@@ -449,14 +513,18 @@ def grouped_forward(runs: list[Callable], index: torch.Tensor, args: tuple, kwar
         sub_kwargs = {key: v if split_kwargs[key] is None else split_kwargs[key][k] for key, v in kwargs.items()}
         outputs.append(runs[k](*sub_args, **sub_kwargs))
     inverse = torch.argsort(order)
-    return _reassemble(outputs, inverse)
+    return _reassemble(outputs, inverse, ragged)
 
 
-def _reassemble(outputs: list, inverse: torch.Tensor):
+def _reassemble(outputs: list, inverse: torch.Tensor, ragged: bool = False):
     first = outputs[0]
     if isinstance(first, torch.Tensor):
+        if ragged and first.is_floating_point() and len({o.shape[-1] for o in outputs}) > 1:
+            widest = max(o.shape[-1] for o in outputs)
+            fill = torch.finfo(first.dtype).min
+            outputs = [F.pad(o, (0, widest - o.shape[-1]), value=fill) for o in outputs]
         return torch.cat(outputs).index_select(0, inverse.to(first.device))
     if isinstance(first, (tuple, list)):
-        parts = [_reassemble([o[i] for o in outputs], inverse) for i in range(len(first))]
+        parts = [_reassemble([o[i] for o in outputs], inverse, ragged) for i in range(len(first))]
         return type(first)(parts)
     return first

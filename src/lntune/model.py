@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -322,6 +322,76 @@ class LNTuningModel(nn.Module):
         """Add a new, inactive adapter (a fresh copy of the original modules, even while merged)."""
         self.inject_adapter(self.model, adapter_name, config, autocast_adapter_dtype)
 
+    def add_adapters(
+        self,
+        adapter_names: Sequence[str],
+        config: LNTuningConfig,
+        autocast_adapter_dtype: bool = True,
+        each: Callable[[str], None] | None = None,
+    ) -> None:
+        """Add many new, inactive adapters with one config (each gets its own copy of ``config``), all or none.
+
+        The first is added as `add_adapter` does; the others reuse its targets, so each costs a copy of the
+        tuned modules and nothing that grows with the adapters resident or added.
+
+        Args:
+            adapter_names: New, distinct names.
+            config: Their `LNTuningConfig` (copied per adapter; not stored itself).
+            autocast_adapter_dtype: Keep float16/bfloat16 copies in float32.
+            each: Called with each name once its copies exist (inside the all-or-nothing block).
+
+        Raises:
+            ValueError: a name is repeated, exists or is invalid (nothing added).
+
+        Example:
+            >>> tuner.add_adapters([f"customer-{i}" for i in range(1000)], LNTuningConfig(task_type="SEQ_CLS"))
+        """
+        names = list(adapter_names)
+        if isinstance(adapter_names, str):
+            raise TypeError("add_adapters takes a list of adapter names; use add_adapter for one.")
+        repeated = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+        if repeated:
+            raise ValueError(f"add_adapters: adapter names must be distinct; repeated: {repeated[:5]}.")
+        for name in names:
+            if not isinstance(name, str) or name == BASE_ADAPTER_NAME or not name or "." in name:
+                raise ValueError(
+                    f"Invalid adapter name {name!r}: use a non-empty name without '.' other than '{BASE_ADAPTER_NAME}'."
+                )
+            if name in self.peft_config:
+                raise ValueError(f"Adapter with name '{name}' already exists; choose another name.")
+        if not names:
+            return
+        template = copy.deepcopy(config)
+        added: list[str] = []
+        try:
+            self.inject_adapter(self.model, names[0], template, autocast_adapter_dtype)
+            added.append(names[0])
+            if each is not None:
+                each(names[0])
+            holders = self._holders(names[0])
+            disabled = all(m.disable_adapters for m in holders)
+            for name in names[1:]:
+                if any(m.has_adapter(name) for m in holders):
+                    raise ValueError(f"The model already has an adapter '{name}'; use another adapter_name.")
+                self.peft_config[name] = copy.deepcopy(template)
+                added.append(name)
+                for module in holders:
+                    module.update_layer(name)  # a fresh, frozen copy of the original
+                    if autocast_adapter_dtype:
+                        module.keep_in_float32(name)
+                    if disabled:
+                        module.enable_adapters(False)
+                if each is not None:
+                    each(name)
+            self.peft_config[names[0]] = template
+        except BaseException:
+            for name in reversed(added):
+                self.peft_config.pop(name, None)
+                for _, module in self._wrappers:
+                    module.delete_adapter(name)
+            self._drop_empty_wrappers()
+            raise
+
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
         """Add ``adapter_name``, whose copies hold the weighted sum of the given adapters' parameters.
 
@@ -353,7 +423,18 @@ class LNTuningModel(nn.Module):
                     f"{[a for a in adapters if a not in lacking]} but not of {lacking}. Combine adapters that "
                     "tune the same modules."
                 )
+        heads = [m for m in self._holders(adapters[0]) if isinstance(m, ModulesToSaveWrapper)]
+        for head in heads:
+            sizes = {a: head.head_size(a) for a in adapters}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(
+                    f"Cannot combine adapters {adapters}: their heads have different sizes {sizes}; combine adapters "
+                    "with the same number of classes."
+                )
         self.inject_adapter(self.model, adapter_name, copy.deepcopy(self.peft_config[adapters[0]]))
+        for head in heads:
+            if adapters[0] in head.resized_heads():
+                head.set_head_size(adapter_name, head.head_size(adapters[0]))
         with torch.no_grad():
             for module in self._holders(adapter_name):
                 target = module.tuned_module(adapter_name)
@@ -588,6 +669,8 @@ class LNTuningModel(nn.Module):
         else:
             names = []
         wrappers = list(self.tuner_modules())
+        sizes = {m.resized_heads().get(names[0]) for _, m in wrappers if names and isinstance(m, ModulesToSaveWrapper)}
+        sizes.discard(None)
         desc = "Unloading " + ("and merging " if merge else "") + "model"
         for name, module in tqdm(wrappers, disable=not progressbar, desc=desc):
             if merge and names:
@@ -601,6 +684,13 @@ class LNTuningModel(nn.Module):
             setattr(self.model.get_submodule(parent_name), child, replacement)
         self.peft_config = {}
         self._rescan()
+        if len(sizes) == 1:  # the merged head has its own number of classes: the model's config follows it
+            (size,) = sizes
+            config = getattr(self.model, "config", None)
+            if config is not None and getattr(config, "num_labels", size) != size:
+                config.num_labels = size
+            if isinstance(getattr(self.model, "num_labels", None), int):
+                self.model.num_labels = size
         return self.model
 
     def merge_and_unload(
@@ -627,6 +717,8 @@ class LNTuningModel(nn.Module):
         runs ``adapter_names[adapter_token_index[t]]``: packed sequences (``DataCollatorWithFlattening``) each
         with their own adapter.
         """
+        if kwargs.get("labels") is not None:
+            self._check_model_loss(self.active_adapters if adapter_names is None else adapter_names)
         if adapter_names is None:
             return self.model(*args, **kwargs)
         x = first_tensor(args, kwargs)
@@ -637,6 +729,22 @@ class LNTuningModel(nn.Module):
             )
         with self.batch_adapters(adapter_names, x.shape[0], adapter_token_index):
             return self.model(*args, **kwargs)
+
+    def _check_model_loss(self, adapter_names: Sequence[str]) -> None:
+        """Refuse ``labels`` when one of ``adapter_names`` has a head of its own size: the model's own loss
+        reshapes the logits by ``config.num_labels`` and would be wrong."""
+        for _, module in self._wrappers:
+            if not isinstance(module, ModulesToSaveWrapper) or not module.resized_heads():
+                continue
+            resized = module.resized_heads()
+            name = next((n for n in adapter_names if n in resized), None)
+            if name is not None:
+                expected = getattr(getattr(self.model, "config", None), "num_labels", None)
+                raise ValueError(
+                    f"Adapter '{name}' has a head of {resized[name]} classes, but the model's own loss assumes "
+                    f"config.num_labels={expected}: call the model without labels and compute the loss from the "
+                    "logits (lntune.adapter_cross_entropy computes each sample's over its own adapter's classes)."
+                )
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The model's ``generate``, optionally with one adapter per sample (``adapter_names``)."""

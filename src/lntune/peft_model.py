@@ -26,8 +26,9 @@ from lntune.checkpoint import (
 from lntune.config import CONFIG_NAME, LNTuningConfig, TaskType
 from lntune.hub import push_adapter_to_hub
 from lntune.model import NOT_IN_LNTUNE, LNTuningModel, restore_on_error
+from lntune.modules_to_save import ModulesToSaveWrapper, output_linear
 from lntune.tasks import TASKS, Task
-from lntune.wrapper import AdapterWrapper
+from lntune.wrapper import AdapterWrapper, walk_modules
 
 if TYPE_CHECKING:
     from lntune.status import TunerLayerStatus, TunerModelStatus
@@ -214,6 +215,21 @@ class PeftModel(nn.Module):
         share = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``nn.Module.zero_grad``, over the parameters found without walking every adapter copy module by
+        module (Trainer calls it at every step; with 1,000 adapters the walk costs more than the rest)."""
+        for param in _all_parameters(self):
+            if param is None or param.grad is None:
+                continue
+            if set_to_none:
+                param.grad = None
+            else:
+                if param.grad.grad_fn is not None:
+                    param.grad.detach_()
+                else:
+                    param.grad.requires_grad_(False)
+                param.grad.zero_()
+
     # ----------------------------------------------------------------------------- adapters
     def add_adapter(
         self,
@@ -221,6 +237,7 @@ class PeftModel(nn.Module):
         peft_config: LNTuningConfig,
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool | None = None,
+        num_labels: int | None = None,
     ) -> None:
         """Add an inactive, frozen adapter; `set_adapter` activates it.
 
@@ -230,16 +247,117 @@ class PeftModel(nn.Module):
             low_cpu_mem_usage: Accepted for PEFT compatibility.
             autocast_adapter_dtype: Keep float16/bfloat16 adapter copies in float32. ``None`` (default): as
                 the model was created (`get_peft_model` / `from_pretrained`).
+            num_labels: Classification models (``SEQ_CLS``, ``TOKEN_CLS``): the adapter's own number of
+                classes. Its head copy gets that many outputs, newly initialised by the model's
+                ``_init_weights`` (``None``: a copy of the model's head). See `add_adapters`.
 
         Example:
             >>> model.add_adapter("other", LNTuningConfig(target_modules=["norm"]))
             >>> model.set_adapter("other")
         """
+        if num_labels is None:
+            self._prepare_shared_config(peft_config)
+            self.base_model.add_adapter(adapter_name, peft_config, self._autocast(autocast_adapter_dtype))
+            return
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}.")
+        self.add_adapters(
+            [adapter_name], peft_config, num_labels=[num_labels], autocast_adapter_dtype=autocast_adapter_dtype
+        )
+        vars(peft_config).update(vars(self.peft_config[adapter_name]))
+        self.peft_config[adapter_name] = peft_config  # the caller's object, as add_adapter stores it
+
+    def add_adapters(
+        self,
+        adapter_names: Sequence[str],
+        peft_config: LNTuningConfig,
+        num_labels: int | Sequence[int] | None = None,
+        autocast_adapter_dtype: bool | None = None,
+    ) -> None:
+        """Add many inactive, frozen adapters at once, each with its own copy of ``peft_config``, all or none.
+
+        Each adapter costs a copy of the tuned modules and nothing that grows with the adapters resident
+        or added (``add_adapters`` of 1,000 names is 1,000 times one, not more).
+
+        Args:
+            adapter_names: New, distinct names.
+            peft_config: The config every adapter gets a copy of.
+            num_labels: Classification models (``SEQ_CLS``, ``TOKEN_CLS``): each adapter's number of classes,
+                one number for all or one per name. An adapter whose number differs from the model's head
+                gets a head of its own size, newly initialised by the model's ``_init_weights``; the others
+                copy the model's head. ``None``: every adapter copies the model's head.
+            autocast_adapter_dtype: Keep float16/bfloat16 copies in float32 (``None``: as the model was created).
+
+        Raises:
+            ValueError: a name is repeated, exists or is invalid; ``num_labels`` has the wrong length, a value
+                below 1, or the model has no classifier head to size (nothing is added).
+
+        Example:
+            >>> names = [f"customer-{i}" for i in range(1000)]
+            >>> model.add_adapters(names, LNTuningConfig(task_type="SEQ_CLS"), num_labels=[2, 5, 40] * 333 + [2])
+            >>> model.set_requires_grad(names, True)  # train them all in mixed batches
+        """
+        names = list(adapter_names)
+        sizes = self._head_sizes_for(names, num_labels)
+        self._prepare_shared_config(peft_config)
+        init = getattr(self.get_base_model(), "_init_weights", None)
+
+        def size_heads(name: str) -> None:
+            for head in self._head_wrappers(name):
+                head.set_head_size(name, sizes[name], init=init)
+
+        self.base_model.add_adapters(
+            names, peft_config, self._autocast(autocast_adapter_dtype), each=size_heads if sizes else None
+        )
+
+    def _prepare_shared_config(self, peft_config: LNTuningConfig) -> None:
         self._prepare_config(peft_config)
         if peft_config.base_model_name_or_path is None and self.peft_config:
             first = next(iter(self.peft_config.values()))
             peft_config.base_model_name_or_path = first.base_model_name_or_path
-        self.base_model.add_adapter(adapter_name, peft_config, self._autocast(autocast_adapter_dtype))
+
+    def _head_modules(self) -> tuple[str, ...]:
+        """The module names of heads with one output per class (none here; the classification variants')."""
+        return ()
+
+    def _head_wrappers(self, adapter_name: str) -> list[ModulesToSaveWrapper]:
+        """The classifier heads (`_head_modules`) that hold a copy of ``adapter_name``."""
+        heads = set(self._head_modules())
+        return [
+            module
+            for name, module in self.base_model.tuner_modules()
+            if isinstance(module, ModulesToSaveWrapper)
+            and name.rsplit(".", 1)[-1] in heads
+            and module.has_adapter(adapter_name)
+        ]
+
+    def _head_sizes_for(self, names: list[str], num_labels: int | Sequence[int] | None) -> dict[str, int] | None:
+        """``{name: classes}`` from ``num_labels`` (one for all, or one per name), checked; None for None."""
+        if num_labels is None:
+            return None
+        if not self._head_modules():
+            raise ValueError(
+                f"num_labels needs a classification model (task_type SEQ_CLS or TOKEN_CLS) whose head has one output "
+                f"per class; this is a {type(self).__name__}."
+            )
+        sizes = [num_labels] * len(names) if isinstance(num_labels, int) else list(num_labels)
+        if len(sizes) != len(names):
+            raise ValueError(f"num_labels has {len(sizes)} entries for {len(names)} adapters; give one per adapter.")
+        wrong = [n for n in sizes if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if wrong:
+            raise ValueError(f"num_labels must be whole numbers of at least 1, got {wrong[0]!r}.")
+        return dict(zip(names, sizes))
+
+    def _fit_heads(self, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+        """Give ``adapter_name``'s classifier heads the output size their saved weights have (the file's values
+        are copied in afterwards, so they are not initialised). Inputs of another size are left for the
+        checks of `fill_adapter` to refuse."""
+        prefix = {id(m): f"base_model.model.{name}." for name, m in self.base_model.tuner_modules()}
+        for head in self._head_wrappers(adapter_name):
+            path, linear = output_linear(head.tuned_module(adapter_name))
+            saved = weights.get(prefix[id(head)] + (f"{path}." if path else "") + "weight")
+            if saved is not None and saved.dim() == 2 and saved.shape[1] == linear.in_features and saved.shape[0] > 0:
+                head.set_head_size(adapter_name, int(saved.shape[0]))
 
     def _autocast(self, autocast_adapter_dtype: bool | None) -> bool:
         return self._autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
@@ -467,6 +585,7 @@ class PeftModel(nn.Module):
             with restore_on_error(model, adapter_name):
                 with _naming_folder(folder, adapter_name, config_source):
                     peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+                peft_model._fit_heads(adapter_name, weights)
                 fill_adapter(peft_model, weights, weights_path, adapter_name)
         except BaseException:
             vars(config).update(fields_before)  # the caller's config object is as it was, too
@@ -521,12 +640,25 @@ class PeftModel(nn.Module):
         with self.base_model._all_or_nothing(adapter_name):
             with _naming_folder(folder, adapter_name, os.path.join(folder, CONFIG_NAME)):
                 self.base_model.add_adapter(adapter_name, config, self._autocast(autocast_adapter_dtype))
+            self._fit_heads(adapter_name, weights)
             result = fill_adapter(self, weights, weights_path, adapter_name)
             if is_trainable:
                 self.base_model.set_requires_grad(adapter_name, True)
         if not is_trainable and self.training:  # eval() visits every module: skip it when already in eval mode
             self.eval()
         return result
+
+
+def _all_parameters(root: nn.Module) -> list:
+    """Every parameter of ``root`` (as ``root.parameters()``, duplicates and some ``None`` included), adapter
+    copies read by their wrappers (`AdapterWrapper.collect_parameters`)."""
+    out: list = []
+    for _, module in walk_modules(root):
+        if isinstance(module, AdapterWrapper):
+            module.collect_parameters(out)
+        else:
+            out.extend(module._parameters.values())
+    return out
 
 
 def _adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
@@ -554,6 +686,9 @@ class _TaskPeftModel(PeftModel):
 
     def _prepare_config(self, config: LNTuningConfig) -> None:
         self._add_modules_to_save(config, self.task.head_modules)
+
+    def _head_modules(self) -> tuple[str, ...]:
+        return self.task.head_modules if self.task.label_head else ()
 
     def forward(
         self,

@@ -28,6 +28,8 @@ class Task:
         auto_class: The ``transformers`` auto class that loads its base model.
         head_modules: Head modules its adapters train in full and save (``modules_to_save``).
         classifies: Each example carries one class label; the head has one output per label.
+        label_head: The head has one output per class label, so each adapter may have its own number of
+            classes (``PeftModel.add_adapter(..., num_labels=...)``, and adapter files with another head size).
         embeds: The output is one pooled embedding per text.
         generates: The model generates text (completions).
         trainable: ``lntune train`` offers it.
@@ -39,6 +41,7 @@ class Task:
     auto_class: str
     head_modules: tuple[str, ...] = ()
     classifies: bool = False
+    label_head: bool = False
     embeds: bool = False
     generates: bool = False
     trainable: bool = False
@@ -55,6 +58,7 @@ TASKS: dict[str, Task] = {
             "AutoModelForSequenceClassification",
             head_modules=("classifier", "score"),
             classifies=True,
+            label_head=True,
             trainable=True,
             endpoints=("/v1/classify", "/v1/rerank", "/v1/score"),  # rerank, score: one-output (cross-encoder) heads
         ),
@@ -73,7 +77,13 @@ TASKS: dict[str, Task] = {
             embeds=True,
             endpoints=("/v1/embeddings", "/v1/rerank", "/v1/score"),  # rerank, score: cosine similarity
         ),
-        Task("token-cls", TaskType.TOKEN_CLS, "AutoModelForTokenClassification", head_modules=("classifier", "score")),
+        Task(
+            "token-cls",
+            TaskType.TOKEN_CLS,
+            "AutoModelForTokenClassification",
+            head_modules=("classifier", "score"),
+            label_head=True,
+        ),
         Task("question-ans", TaskType.QUESTION_ANS, "AutoModelForQuestionAnswering", head_modules=("qa_outputs",)),
         Task("seq2seq-lm", TaskType.SEQ_2_SEQ_LM, "AutoModelForSeq2SeqLM", generates=True),
     )

@@ -174,9 +174,14 @@ class AdapterWrapper(nn.Module):
         return names
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Toggle gradients of the named adapters' copies only (the original is never touched)."""
+        """Toggle gradients of the named adapters' copies only (the original is never touched).
+
+        Touches the named copies alone, so its cost does not grow with the adapters that train.
+        """
         named = {n for n in as_names(adapter_names) if self.has_adapter(n)}
-        self._set_trainable(self._trainable | named if requires_grad else self._trainable - named)
+        for name in named:
+            self.tuned_module(name).requires_grad_(requires_grad)
+        self._trainable = self._trainable | named if requires_grad else self._trainable - named
 
     def trainable_adapters(self) -> set[str]:
         """The adapters whose copies train here (as set by `set_adapter` and `set_requires_grad`)."""
@@ -281,6 +286,47 @@ class AdapterWrapper(nn.Module):
         )
 
     # ---------------------------------------------------------------------- dtype, copies
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, with the copies that are leaves set directly (the same result, without a call
+        per copy: ``model.train()``, which Trainer makes at every step, visits every adapter's copies)."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        copies = self._copies
+        for module in self._modules.values():
+            if module is None:
+                continue
+            if module is not copies:
+                module.train(mode)
+                continue
+            copies.training = mode
+            for tuned in copies._modules.values():
+                if tuned is None:
+                    continue
+                if tuned._modules or type(tuned).train is not nn.Module.train:
+                    tuned.train(mode)
+                else:
+                    tuned.__dict__["training"] = mode  # what nn.Module.train does to a leaf
+        return self
+
+    def collect_parameters(self, out: list) -> None:
+        """Append every parameter of this wrapper to ``out`` (as ``self.parameters()``, duplicates included, and
+        ``None`` for a leaf copy's unset parameter such as ``bias=None``), leaf copies read directly."""
+        copies = self._copies
+        for module in self._modules.values():
+            if module is None:
+                continue
+            if module is not copies:
+                out.extend(module.parameters())
+                continue
+            for tuned in copies._modules.values():
+                if tuned is None:
+                    continue
+                if tuned._modules:
+                    out.extend(tuned.parameters())
+                else:
+                    out.extend(tuned._parameters.values())
+
     def _apply(self, fn, recurse=True):
         # .to()/.half()/.bfloat16() cast every tensor; float32 adapters get their exact values back,
         # on the new device. Then what forward runs (and whether it casts) is recomputed.

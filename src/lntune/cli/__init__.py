@@ -19,7 +19,7 @@ from lntune.loading import INSTALL_DEMO
 #: The commands: name, help, and the ``module:function`` that adds its options and the one that runs it
 #: (imported when the parser is built). A new command is one more row.
 COMMANDS = [
-    ("train", "train an LN tuning adapter (defaults: the demo job)", "train:add_arguments", "train:run_train"),
+    ("train", "train an LN tuning adapter (defaults: the demo job)", "train:add_arguments", "multi:run_train_command"),
     ("eval", "score an adapter; metrics as JSON on stdout", "commands:add_eval_arguments", "commands:run_eval"),
     ("inspect", "list the modules that would be tuned", "commands:add_inspect_arguments", "commands:run_inspect"),
     ("merge", "save the model with the adapter merged in", "commands:add_merge_arguments", "commands:run_merge"),

@@ -14,6 +14,7 @@ from lntune.cli.data import (
     check_columns,
     check_eval_labels,
     check_train_labels,
+    label_name,
     label_names,
     load_table,
     tokenize,
@@ -140,6 +141,12 @@ def run_eval(args: argparse.Namespace) -> dict:
     text_column = args.text_column or run.text_column
     label_column = (args.label_column or run.label_column) if task.classifies else None
     table = load_table(args.data, "--data")
+    column, value = run.extra.get("adapter_column"), run.extra.get("adapter_value")
+    if column and value is not None and any(column in row for row in table):
+        # One adapter of a many-adapter run: its own rows of a file that holds every adapter's.
+        table = [row for row in table if column in row and label_name(row[column]) == value]
+        if not table:
+            raise CLIError(f"--data {args.data}: no row has {value!r} in column {column!r} (this adapter's data).")
     check_columns(table, args.data, "--data", text_column, label_column)
     labels = run.labels or []
     if label_column:

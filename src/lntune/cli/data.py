@@ -144,14 +144,15 @@ def check_columns(table: list[Row], path: str, flag: str, text_column: str, labe
                 raise CLIError(f"{flag} {path}: row {number} has no value in column {column!r}.")
         if not isinstance(row[text_column], str):
             raise CLIError(f"{flag} {path}: row {number}: column {text_column!r} holds {row[text_column]!r}, not text.")
-        if label_column and not _is_class_name(row[label_column]):
+        if label_column and not is_class_name(row[label_column]):
             raise CLIError(
                 f"{flag} {path}: row {number}: label {row[label_column]!r} in column {label_column!r} is not a "
                 "class name; labels must be strings or whole numbers (lntune trains classifiers, not regression)."
             )
 
 
-def _is_class_name(value: object) -> bool:
+def is_class_name(value: object) -> bool:
+    """Whether ``value`` can name a class (or an adapter): a string, a whole number, a boolean."""
     if isinstance(value, float):
         return math.isfinite(value) and value.is_integer()
     return isinstance(value, (str, int))

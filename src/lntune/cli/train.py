@@ -97,6 +97,8 @@ _RUN_OPTIONS = (
     "max_steps",
     "seed",
     "target_modules",
+    "adapter_column",
+    "skip_bad_adapters",
 )
 
 
@@ -135,6 +137,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=42, help="default: 42")
     parser.add_argument(
         "--target-modules", nargs="+", metavar="NAME", help="modules to tune (default: the model type's norms)"
+    )
+    parser.add_argument(
+        "--adapter-column",
+        metavar="COLUMN",
+        help="train one adapter per value of this column of --data, all in one run (output: DIR/<value>/)",
+    )
+    parser.add_argument(
+        "--skip-bad-adapters",
+        action="store_true",
+        help="with --adapter-column: leave out values that cannot be trained (one class, too few examples)",
     )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from --model")
