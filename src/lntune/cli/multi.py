@@ -358,7 +358,8 @@ def _finish(trainer, args, model_path: str, run: _Prepared, metrics: dict, outpu
     per = metrics["per_adapter"].values()
     title = (
         f"LN tuning of {model_id(model_path)}: {len(run.adapters)} adapters (column {args.adapter_column!r}) on "
-        f"{Path(args.data).name}, lr {_rates(trainer.schedules)}, batch {args.batch_size}, {metrics['train_steps']} steps"
+        f"{Path(args.data).name}, lr {_rates(trainer.schedules)}, batch {args.batch_size}, "
+        f"{metrics['train_steps']} steps"
     )
     plot_adapters(
         history,
