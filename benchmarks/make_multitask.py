@@ -10,8 +10,9 @@ Two data sets, each a training and a test CSV with ``text``, ``label`` and an ad
     - ``debian``: the Debian archive section of a package from its description (the 20 largest sections of
       ``apt-cache dumpavail``: ``libs``, ``python``, ``doc``...), 30 training and 15 test packages per section.
       The text is the short description and the start of the long one (at most 40 words), never the name.
-* ``customers_{train,test}.csv`` (column ``customer``): the bundled movie reviews split among 20
-  "customers", 80 training and 25 test snippets each (many small adapters of one kind).
+* ``customers_{train,test}.csv`` (column ``customer``): the bundled movie reviews split among 12
+  "customers" with very different amounts of data: 40, 80, 160 or 320 training snippets (in turn) and 40
+  test snippets each (many small adapters of one kind).
 
 Deterministic for a given machine: rows are drawn with ``random.Random(seed)`` from the bundled files and
 from this machine's package lists (``apt-cache dumpavail``; another machine's lists give another ``debian``
@@ -37,8 +38,9 @@ PER_TASK = (400, 200)  # training and test rows of each sentiment task
 SOURCE = (400, 201)  # of the "source" task (a multiple of 3 for the test set)
 SECTIONS = 20
 PER_SECTION = (30, 15)
-CUSTOMERS = 20
-PER_CUSTOMER = (80, 25)
+CUSTOMERS = 12
+CUSTOMER_TRAIN = (40, 80, 160, 320)  # training rows of customer i: CUSTOMER_TRAIN[i % 4]
+CUSTOMER_TEST = 40
 WORDS = 40
 
 
@@ -101,15 +103,18 @@ def multitask(seed: int) -> tuple[list[dict], list[dict]]:
 def customers(seed: int) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed + 1)
     out = []
-    for split, per in (("train", PER_CUSTOMER[0]), ("test", PER_CUSTOMER[1])):
+    for split in ("train", "test"):
         rows = _bundled(f"movie_reviews_{split}.csv")
         rng.shuffle(rows)
-        out.append(
-            [
-                {"text": r["text"], "label": r["label"], "customer": f"customer-{i // per:02d}"}
-                for i, r in enumerate(rows[: CUSTOMERS * per])
+        chosen, start = [], 0
+        for i in range(CUSTOMERS):
+            n = CUSTOMER_TRAIN[i % len(CUSTOMER_TRAIN)] if split == "train" else CUSTOMER_TEST
+            chosen += [
+                {"text": r["text"], "label": r["label"], "customer": f"customer-{i:02d}"}
+                for r in rows[start : start + n]
             ]
-        )
+            start += n
+        out.append(chosen)
     return out[0], out[1]
 
 

@@ -316,6 +316,6 @@ def test_without_lr_each_adapter_gets_the_default_of_its_own_run_length(tmp_path
     assert schedules["small"] == (default_learning_rate(20), warmup_steps(20), 20)
     assert schedules["large"] == (default_learning_rate(200), warmup_steps(200), 200)
     assert schedules["large"][0] < schedules["small"][0]
-    assert _rates(schedules) == f"{default_learning_rate(200):g} to {default_learning_rate(20):g}"
+    assert _rates(schedules) == f"{default_learning_rate(200):.3g} to {default_learning_rate(20):.3g}"
     given = build_parser().parse_args(["train", "--adapter-column", "c", "--batch-size", "1", "--lr", "0.02"])
     assert {lr for lr, _, _ in _schedules(given, tmp_path, adapters, 220).values()} == {0.02}

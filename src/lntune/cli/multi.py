@@ -233,7 +233,7 @@ def _rates(schedules: dict[str, tuple[float, int, int]]) -> str:
     """The peak learning rates of a run's adapters, as said in its first line and plot: ``0.01``, or
     ``0.005 to 0.01`` when defaults that follow each adapter's run length differ."""
     rates = sorted({lr for lr, _, _ in schedules.values()})
-    return f"{rates[0]:g}" if len(rates) == 1 else f"{rates[0]:g} to {rates[-1]:g}"
+    return f"{rates[0]:.3g}" if len(rates) == 1 else f"{rates[0]:.3g} to {rates[-1]:.3g}"
 
 
 def _announce(args, model_path: str, run: _Prepared, total_steps: int, schedules: dict) -> None:

@@ -397,7 +397,7 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
     say(
         f"lntune: LN tuning {name} ({args.task}) on {len(run.train_set)} examples, {len(run.eval_set)} held out; "
         f"{trainable:,d} of {total:,d} parameters trainable ({100 * trainable / total:.3f}%), "
-        f"{plural(total_steps, 'step')} at lr {learning_rate(args, total_steps):g}"
+        f"{plural(total_steps, 'step')} at lr {learning_rate(args, total_steps):.3g}"
     )
     if kept is None:
         before = trainer.evaluate(metric_key_prefix="before")
@@ -467,7 +467,7 @@ def _write_outputs(trainer, model, args, name: str, record: RunRecord, metrics: 
         history = [{"step": 0, **before}, *history]
     data = Path(args.data).name if args.data else DEFAULT_TRAIN
     steps = plural(metrics["train_steps"], "step")
-    title = f"LN tuning of {name} on {data}\nlr {metrics['learning_rate']:g}, batch {args.batch_size}, {steps}"
+    title = f"LN tuning of {name} on {data}\nlr {metrics['learning_rate']:.3g}, batch {args.batch_size}, {steps}"
     plot_curves(history, work / "training_curves.png", title)
     shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from
     output.publish(RUN_FILE, record.to_dict())
