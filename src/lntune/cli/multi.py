@@ -32,12 +32,12 @@ from lntune.cli.train import (
     _final_evaluation,
     _interrupted,
     _last_checkpoint,
-    _max_length,
     _settings,
     _training_arguments,
     run_train,
+    tuning_model,
 )
-from lntune.loading import load_model, load_tokenizer, model_id, packaged_model_path, set_pad_token
+from lntune.loading import model_id, packaged_model_path
 from lntune.run_record import RUN_FILE, RunRecord
 from lntune.tasks import task_named
 
@@ -113,24 +113,12 @@ class _Prepared:
 def _prepare(args: argparse.Namespace, model_path: str) -> _Prepared:
     """Read and check the data, load the model, add one adapter (and head) per value, tokenize."""
     adapters, left_out, eval_source = read_adapter_data(args)  # first: bad data fails before the slow imports
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    max_length = _max_length(args, model_path, tokenizer)
-
-    from transformers import set_seed
-
-    from lntune import LNTuningConfig, get_peft_model
-
-    set_seed(args.seed)
-    task = task_named(args.task)
     sizes = [len(a.labels) for a in adapters]
-    model = load_model(model_path, task, num_labels=sizes[0], trust_remote_code=args.trust_remote_code).model.train()
-    set_pad_token(model, tokenizer.pad_token_id)
-    try:
-        model = get_peft_model(
-            model, LNTuningConfig(task_type=task.task_type, target_modules=args.target_modules), adapters[0].name
-        )
-    except ValueError as exc:
-        raise CLIError(f"--target-modules: {exc}") from None
+    first = adapters[0].name
+    task, model, tokenizer, max_length = tuning_model(args, model_path, num_labels=sizes[0], adapter_name=first)
+
+    from lntune import LNTuningConfig
+
     config = LNTuningConfig(task_type=task.task_type, target_modules=args.target_modules)
     model.add_adapters([a.name for a in adapters[1:]], config, num_labels=sizes[1:])
     train_set, eval_set = [], []

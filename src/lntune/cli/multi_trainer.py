@@ -95,11 +95,12 @@ class MultiAdapterTrainer(AdapterTrainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """Trainer's schedule over the run's steps, for its logs only: each adapter follows its own."""
+        """Trainer's schedule over the run's steps from the highest adapter peak, for its logs only (the table's
+        learning-rate column and the plot): each adapter follows its own."""
         if self.lr_scheduler is None:
             self.lr_scheduler = get_scheduler(
                 self.args.lr_scheduler_type,
-                optimizer=_display_optimizer(self.args.learning_rate),
+                optimizer=_display_optimizer(max(lr for lr, _, _ in self.schedules.values())),
                 num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
                 num_training_steps=num_training_steps,
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,

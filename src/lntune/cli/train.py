@@ -330,9 +330,25 @@ class _Prepared:
     max_length: int
 
 
-def _prepare(args: argparse.Namespace, model_path: str) -> _Prepared:
-    """Read and check the data, load the model and tokenizer, wrap the model for LN tuning, tokenize."""
-    train_table, eval_table, labels = _read_data(args)  # first: bad data fails before the slow imports
+def tuning_model(
+    args: argparse.Namespace,
+    model_path: str,
+    labels: list[str] | None = None,
+    num_labels: int | None = None,
+    adapter_name: str = "default",
+) -> tuple[Task, nn.Module, object, int]:
+    """The base model of a training run, wrapped for LN tuning with its first adapter, and its tokenizer.
+
+    Args:
+        args: The parsed ``lntune train`` options (model, task, seed, ``--max-length``, ``--target-modules``).
+        model_path: The local model folder.
+        labels: Classification: the label names in id order (the head's size and names).
+        num_labels: Classification without ``labels``: the first adapter's head size.
+        adapter_name: The first adapter's name.
+
+    Returns:
+        ``(task, model, tokenizer, max_length)``: the model in train mode, seeded with ``--seed``.
+    """
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     max_length = _max_length(args, model_path, tokenizer)
 
@@ -342,13 +358,21 @@ def _prepare(args: argparse.Namespace, model_path: str) -> _Prepared:
 
     set_seed(args.seed)
     task = task_named(args.task)
-    model = load_model(model_path, task, labels, trust_remote_code=args.trust_remote_code).model.train()
+    loaded = load_model(model_path, task, labels, num_labels, trust_remote_code=args.trust_remote_code)
+    model = loaded.model.train()
     set_pad_token(model, tokenizer.pad_token_id)
     config = LNTuningConfig(task_type=task.task_type, target_modules=args.target_modules)
     try:
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, config, adapter_name)
     except ValueError as exc:
         raise CLIError(f"--target-modules: {exc}") from None
+    return task, model, tokenizer, max_length
+
+
+def _prepare(args: argparse.Namespace, model_path: str) -> _Prepared:
+    """Read and check the data, load the model and tokenizer, wrap the model for LN tuning, tokenize."""
+    train_table, eval_table, labels = _read_data(args)  # first: bad data fails before the slow imports
+    task, model, tokenizer, max_length = tuning_model(args, model_path, labels=labels)
     label_column = args.label_column if task.classifies else None
     train_set = tokenize(train_table, tokenizer, args.text_column, max_length, label_column, labels)
     eval_set = tokenize(eval_table, tokenizer, args.text_column, max_length, label_column, labels)
