@@ -109,15 +109,25 @@ def test_head_size_and_label_names(adapters):
     assert label_names(2, {}, ["a", "b"]) == ("a", "b")
 
 
-def test_models_for_other_head_sizes_share_the_frozen_weights(adapters):
+def test_heads_of_different_sizes_share_one_model_and_one_forward(adapters):
+    """2- and 3-class adapters and the base model in one batch: one forward, and each sample's logits over its
+    own classes equal to that adapter (or the base) run alone."""
     from lntune.serve.engine import Engine
 
-    engine = Engine(str(adapters.parent / "tiny-bert"), "seq-cls", pad_token_id=0)
-    engine.load(3, str(adapters / "three"), "a0")  # a second model, for 3-class heads
-    first, second = engine.slots[2].model, engine.slots[3].model
-    dense = [m.bert.encoder.layer[0].intermediate.dense.weight for m in (first, second)]
-    assert dense[0] is dense[1]
-    assert second.classifier.original_module.weight.shape[0] == 3 and first.classifier.weight.shape[0] == 2
+    engine = Engine(str(adapters.parent / "tiny-bert"), "seq-cls", pad_token_id=0, overhead_tokens=10**9)
+    engine.load(str(adapters / "three"), "a0", num_labels=3)
+    engine.load(str(adapters / "two"), "a1", num_labels=2)
+    sequences = [[5, 17, 30, 2], [8, 9], [40, 41, 42]]
+    names = ["a0", "a1", "__base__"]
+    forwards = []
+    handle = engine.slot.model.register_forward_hook(lambda *_: forwards.append(1))
+    together = engine.run(sequences, names)
+    handle.remove()
+    assert len(forwards) == 1 and [row.shape[0] for row in together] == [3, 2, 2]
+    for sequence, name, row in zip(sequences, names, together):
+        torch.testing.assert_close(engine.run([sequence], [name])[0], row, atol=1e-5, rtol=0)
+    engine.unload("a0")
+    assert engine.run([[5, 6]], ["a1"])[0].shape == (2,)
 
 
 def _bucket_cost(lengths, buckets, overhead):
@@ -155,14 +165,14 @@ def test_bucketed_forwards_equal_one_padded_forward_in_the_callers_order(adapter
     from lntune.serve.engine import Engine
 
     engine = Engine(str(adapters.parent / "tiny-bert"), "seq-cls", pad_token_id=0, overhead_tokens=0)
-    engine.load(2, str(adapters / "two"), "two")
-    engine.load(2, str(adapters / "other"), "other")
+    engine.load(str(adapters / "two"), "two")
+    engine.load(str(adapters / "other"), "other")
     rng = torch.Generator().manual_seed(0)
     sequences = [torch.randint(5, 90, (n,), generator=rng).tolist() for n in [30, 3, 17, 4, 29, 2, 16]]
     names = ["two", "other", "__base__", "two", "other", "two", "__base__"]
-    split = engine.run(2, sequences, names)
+    split = engine.run(sequences, names)
     engine.overhead_tokens = 10**9  # one forward for the whole batch
-    whole = engine.run(2, sequences, names)
+    whole = engine.run(sequences, names)
     assert len(split) == len(sequences)
     for a, b in zip(split, whole):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -209,13 +219,10 @@ class RecordingEngine:
     def __init__(self) -> None:
         self.loaded: set[str] = set()
 
-    def slot_key(self, num_labels):
-        return None
-
-    def load(self, key, folder, name) -> None:
+    def load(self, folder, name, num_labels=None) -> None:
         self.loaded.add(name)
 
-    def unload(self, key, name) -> None:
+    def unload(self, name) -> None:
         self.loaded.remove(name)
 
 
@@ -289,7 +296,7 @@ class _FakeRegistry:
 
 
 class _FakeEngine:
-    primary_key = None
+    base_num_labels = None
 
     def __init__(self) -> None:
         import threading
@@ -297,7 +304,7 @@ class _FakeEngine:
         self.batches: list[list[int]] = []
         self.release = threading.Event()
 
-    def run(self, key, sequences, names, types=None):
+    def run(self, sequences, names, types=None):
         self.release.wait(30)  # forwards wait until the test lets them run
         self.batches.append([len(s) for s in sequences])
         return [torch.zeros(1) for _ in sequences]

@@ -324,14 +324,13 @@ class Batcher:
 
     def _run_groups(self, batch: list[WorkItem]) -> None:
         failures = self.registry.prepare(item.source for item in batch if item.source is not None)
-        groups: dict[tuple, list[WorkItem]] = defaultdict(list)
+        groups: dict[object, list[WorkItem]] = defaultdict(list)
         for item in batch:
             if item.source is not None and item.source.name in failures:
                 _settle(item.future, error=failures[item.source.name])
                 continue
-            key = self.engine.primary_key if item.source is None else self.registry.resident(item.source.name).key
-            groups[(key, item.sampling)].append(item)
-        for (key, sampling), items in groups.items():
+            groups[item.sampling].append(item)
+        for sampling, items in groups.items():
             names = [
                 BASE_ADAPTER_NAME if i.source is None else self.registry.resident(i.source.name).internal_name
                 for i in items
@@ -341,9 +340,9 @@ class Batcher:
             try:
                 if sampling is None:
                     types = [i.token_type_ids for i in items]
-                    results = self.engine.run(key, sequences, names, types if any(types) else None)
+                    results = self.engine.run(sequences, names, types if any(types) else None)
                 else:
-                    results = self.engine.generate(key, sequences, names, sampling, [i.budget for i in items])
+                    results = self.engine.generate(sequences, names, sampling, [i.budget for i in items])
             except Exception as exc:  # a failed forward fails its requests; the server keeps serving
                 logger.exception("lntune serve: a batch of %d samples failed", len(items))
                 message = self.registry.public_names(f"The model failed on this batch: {type(exc).__name__}: {exc}")

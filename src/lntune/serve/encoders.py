@@ -153,7 +153,7 @@ async def _scores(
     if service.task.classifies:
         _require_head(service, source, request.model)
         outputs = source.num_labels if source is not None and source.num_labels is not None else None
-        outputs = outputs if outputs is not None else service.engine.primary_key
+        outputs = outputs if outputs is not None else service.engine.base_num_labels
         if outputs != 1:
             raise bad_request(
                 f"'{request.model}' has a {outputs}-class head; rerank and score need a one-output head (a "

@@ -6,9 +6,9 @@ batch is one ``generate(..., adapter_names=[...])`` or, for encoder tasks, one m
 ``model(**batch, adapter_names=[...])`` (``"__base__"``: no adapter) per length bucket (`length_buckets`:
 inputs of similar lengths share a forward, whatever their adapters).
 
-Sequence classification: adapters whose heads have a different number of classes cannot share a head
-module, so each head size gets its own model (made on first use). Its frozen weights are the first
-model's tensors (shared, not copied); only the head differs.
+Sequence classification: adapters whose heads have different numbers of classes share the model and
+its batches (lntune gives each adapter's head copy its file's size; a mixed batch pads the logits to its
+widest head), and each sample's logits are cut to its own adapter's classes.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from lntune.serve.buckets import default_overhead_tokens, length_buckets
 from lntune.serve.pooling import Pooling, pool
 from lntune.tasks import Task, task_named
 
-#: Which model of an engine serves an adapter: its head's number of classes (classification), else None.
-SlotKey = int | None
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -40,23 +37,8 @@ class Sampling:
     top_p: float = 1.0
 
 
-def share_frozen_weights(source: dict[str, nn.Parameter], model: nn.Module) -> None:
-    """Make ``model`` use ``source``'s tensors wherever a parameter has the same name and shape.
-
-    Args:
-        source: ``dict(other.named_parameters())`` of an identical model, taken before any adapter wraps it.
-        model: A fresh model (not yet wrapped); its parameters of other shapes (a new head) stay its own.
-    """
-    for module_name, module in model.named_modules():
-        for name, param in list(module._parameters.items()):
-            full = f"{module_name}.{name}" if module_name else name
-            shared = source.get(full)
-            if param is not None and shared is not None and shared.shape == param.shape:
-                module._parameters[name] = shared
-
-
 class ModelSlot:
-    """One base model and the lntune `PeftModel` around it (created by the first adapter load)."""
+    """The base model and the lntune `PeftModel` around it (created by the first adapter load)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -99,7 +81,7 @@ def _padded(sequences: Sequence[list[int]], pad_id: int, left: bool, device) -> 
 
 
 class Engine:
-    """The models of one server and how a batch of one task runs on them.
+    """The model of one server and how a batch of one task runs on it.
 
     Args:
         model_path: The base model folder.
@@ -112,7 +94,7 @@ class Engine:
 
     Example:
         >>> engine = Engine("path/to/minilm", "feature-extraction", pad_token_id=0)
-        >>> engine.run(None, [[101, 2307, 102]], ["__base__"])[0].shape
+        >>> engine.run([[101, 2307, 102]], ["__base__"])[0].shape
         torch.Size([384])
     """
 
@@ -138,65 +120,65 @@ class Engine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_token_ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         classifies = self.task.classifies
-        self.primary_key: SlotKey = model.config.num_labels if classifies else None
+        #: The base model's number of classes (classification; its own head's), else None.
+        self.base_num_labels: int | None = model.config.num_labels if classifies else None
         #: The size of a pooled embedding (feature-extraction): the model's hidden size.
         self.embedding_size: int | None = getattr(model.config, "hidden_size", None)
         self.base_labels = dict(model.config.id2label) if classifies else {}
-        self._frozen = dict(model.named_parameters()) if classifies else {}
-        self.slots: dict[SlotKey, ModelSlot] = {self.primary_key: ModelSlot(model)}
+        self.slot = ModelSlot(model)
+        #: Each loaded adapter's number of classes, where its head's differs from the base model's.
+        self._num_labels: dict[str, int] = {}
         #: Entered around every adapter load and unload: continuous batching pauses its engine there.
         self.exclusive: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     # ----------------------------------------------------------------------------- adapters
-    def slot_key(self, num_labels: int | None) -> SlotKey:
-        """Which model serves an adapter whose head has ``num_labels`` classes (None: the first model)."""
-        return self.primary_key if num_labels is None else num_labels
-
-    def _slot(self, key: SlotKey) -> ModelSlot:
-        if key not in self.slots:
-            model = load_model(self.model_path, self.task, num_labels=key).model
-            share_frozen_weights(self._frozen, model)
-            self.slots[key] = ModelSlot(self._place(model))
-        return self.slots[key]
-
     def _place(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device and tell it the pad token (decoder classifiers find the last token by it)."""
         set_pad_token(model.to(self.device).eval(), self.pad_token_id)
         return model
 
-    def load(self, key: SlotKey, folder: str, adapter_name: str) -> None:
-        """Load an adapter folder as ``adapter_name`` into the model ``key``."""
-        with self.exclusive():
-            self._slot(key).load(folder, adapter_name)
+    def load(self, folder: str, adapter_name: str, num_labels: int | None = None) -> None:
+        """Load an adapter folder as ``adapter_name``.
 
-    def unload(self, key: SlotKey, adapter_name: str) -> None:
-        """Unload ``adapter_name`` from the model ``key``."""
+        Args:
+            folder: The adapter folder.
+            adapter_name: Its name in the model.
+            num_labels: Classification: the number of classes of the folder's head (None: the base model's).
+        """
         with self.exclusive():
-            self.slots[key].delete(adapter_name)
+            self.slot.load(folder, adapter_name)
+        if num_labels is not None and num_labels != self.base_num_labels:
+            self._num_labels[adapter_name] = num_labels
+
+    def unload(self, adapter_name: str) -> None:
+        """Unload ``adapter_name``."""
+        with self.exclusive():
+            self.slot.delete(adapter_name)
+        self._num_labels.pop(adapter_name, None)
 
     # ------------------------------------------------------------------------------ batches
     @torch.inference_mode()
     def run(
         self,
-        key: SlotKey,
         sequences: list[list[int]],
         adapter_names: list[str],
         token_type_ids: list[list[int] | None] | None = None,
     ) -> list[torch.Tensor]:
-        """The forwards of the model ``key`` on a batch, one adapter per sample (encoder tasks).
+        """The forwards of a batch, one adapter per sample (encoder tasks).
 
-        Inputs of similar lengths share a forward (`length_buckets`), whatever their adapters.
+        Inputs of similar lengths share a forward (`length_buckets`), whatever their adapters and their heads'
+        sizes.
 
         Args:
-            key: The model (see `slot_key`).
             sequences: Each sample's token ids.
             adapter_names: Each sample's adapter (``"__base__"``: none).
             token_type_ids: Each sample's segment ids (text pairs for cross-encoders; None: all 0), or None.
 
         Returns:
-            Per sample, a float32 CPU tensor: its logits (classification) or its pooled embedding.
+            Per sample, a float32 CPU tensor: its logits over its adapter's classes (classification) or its
+            pooled embedding.
         """
-        slot = self.slots[key]
+        slot = self.slot
         results: list = [None] * len(sequences)
         for bucket in length_buckets([len(s) for s in sequences], self.overhead_tokens):
             ids, mask = _padded([sequences[i] for i in bucket], self.pad_token_id, left=False, device=self.device)
@@ -205,8 +187,10 @@ class Engine:
                 types = [token_type_ids[i] or [0] * len(sequences[i]) for i in bucket]
                 inputs["token_type_ids"] = _padded(types, 0, left=False, device=self.device)[0]
             out = slot.forward([adapter_names[i] for i in bucket], **inputs)
-            if self.task.classifies:
-                rows = out.logits.float().cpu()
+            if self.task.classifies:  # padded to the bucket's widest head: each sample keeps its own classes
+                logits = out.logits.float().cpu()
+                widths = [self._num_labels.get(adapter_names[i], self.base_num_labels) for i in bucket]
+                rows = [row[:width] for row, width in zip(logits, widths)]
             else:
                 rows = pool(out.last_hidden_state, mask, self.pooling).cpu()
             for i, row in zip(bucket, rows):
@@ -216,16 +200,14 @@ class Engine:
     @torch.inference_mode()
     def generate(
         self,
-        key: SlotKey,
         sequences: list[list[int]],
         adapter_names: list[str],
         sampling: Sampling,
         budgets: list[int],
     ) -> list[tuple[list[int], bool]]:
-        """One ``generate`` of the model ``key`` on a batch, one adapter per sample (generation tasks).
+        """One ``generate`` of a batch, one adapter per sample (generation tasks).
 
         Args:
-            key: The model (see `slot_key`).
             sequences: Each sample's prompt token ids.
             adapter_names: Each sample's adapter (``"__base__"``: none).
             sampling: The batch's sampling settings.
@@ -238,7 +220,7 @@ class Engine:
         options = {"do_sample": False}
         if sampling.temperature > 0:
             options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        out = self.slots[key].generate(
+        out = self.slot.generate(
             adapter_names,
             input_ids=ids,
             attention_mask=mask,

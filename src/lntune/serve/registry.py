@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from lntune.serve.catalog import AdapterSource
-from lntune.serve.engine import Engine, SlotKey
+from lntune.serve.engine import Engine
 from lntune.serve.errors import APIError, adapter_failed
 from lntune.serve.metrics import ServerMetrics
 
@@ -35,10 +35,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Resident:
-    """A loaded adapter: its name in the model, the model (slot) holding it, and the source it came from."""
+    """A loaded adapter: its name in the model and the source it came from."""
 
     internal_name: str
-    key: SlotKey
     source: AdapterSource
 
 
@@ -66,7 +65,7 @@ class AdapterRegistry:
         self._failed: dict[str, tuple[int, APIError]] = {}
         self._ids = itertools.count()
         self._pins: Counter[str] = Counter()  # internal name -> requests running it
-        self._retired: dict[str, SlotKey] = {}  # internal names to unload when their last request ends
+        self._retired: set[str] = set()  # internal names to unload when their last request ends
         self._public: dict[str, str] = {}  # internal name -> API name, of every adapter loaded or tried
 
     def __len__(self) -> int:
@@ -121,10 +120,10 @@ class AdapterRegistry:
         current = self._resident.get(source.name)
         if current is None:
             self._make_room(set(keep) | {source.name})
-        internal_name, key = f"a{next(self._ids)}", self.engine.slot_key(source.num_labels)
+        internal_name = f"a{next(self._ids)}"
         self._public[internal_name] = source.name
         try:
-            self.engine.load(key, str(source.folder), internal_name)
+            self.engine.load(str(source.folder), internal_name, source.num_labels)
         except Exception as exc:  # lntune raises CheckpointError/ValueError/OSError...; any failure is this adapter's
             del self._public[internal_name]
             text = _replace_name(str(exc), internal_name, source.name)
@@ -136,7 +135,7 @@ class AdapterRegistry:
         self._failed.pop(source.name, None)
         if current is not None:
             self._unload(current)
-        resident = Resident(internal_name, key, source)
+        resident = Resident(internal_name, source)
         self._resident[source.name] = resident
         self._resident.move_to_end(source.name)
         self.metrics.loads.inc()
@@ -165,16 +164,17 @@ class AdapterRegistry:
         if self._pins[internal] <= 0:
             del self._pins[internal]
             if internal in self._retired:
-                self._unload_now(self._retired.pop(internal), internal)
+                self._retired.remove(internal)
+                self._unload_now(internal)
 
     def _unload(self, resident: Resident) -> None:
         if self._pins.get(resident.internal_name):
-            self._retired[resident.internal_name] = resident.key  # unloaded by its last unpin
+            self._retired.add(resident.internal_name)  # unloaded by its last unpin
         else:
-            self._unload_now(resident.key, resident.internal_name)
+            self._unload_now(resident.internal_name)
 
-    def _unload_now(self, key: SlotKey, internal_name: str) -> None:
-        self.engine.unload(key, internal_name)
+    def _unload_now(self, internal_name: str) -> None:
+        self.engine.unload(internal_name)
         self._public.pop(internal_name, None)
 
     def load_many(

@@ -147,7 +147,7 @@ class ServingService:
         if problems:
             logger.warning("lntune serve: generation runs in static batches (no continuous batching: %s)", problems[0])
             return None
-        slot = self.engine.slots[self.engine.primary_key]
+        slot = self.engine.slot
         cpu = self.engine.device.type == "cpu"
         settings = GenerationSettings(
             max_batch_tokens=self.config.max_batch_tokens or (256 if cpu else 4096),
