@@ -126,6 +126,17 @@ def test_one_peft_adapter_folder_per_value_with_its_own_labels_and_metrics(files
         assert scored["eval_loss"] == pytest.approx(saved["eval_loss"], rel=1e-4)
 
 
+def test_values_spelled_like_the_runs_own_files_get_folders_of_their_own():
+    from lntune.cli.multi_data import folder_name
+    from lntune.cli.output import RUN_NAMES
+
+    for name in RUN_NAMES:
+        for value in (name, name.upper()):
+            assert folder_name(value).lower() not in RUN_NAMES and folder_name(value).startswith(value)
+    assert folder_name("customer-7") == "customer-7"
+    assert len({folder_name(v) for v in ("checkpoints", "Checkpoints", "CHECKPOINTS")}) == 3
+
+
 def test_the_run_prints_its_adapters_the_mapped_folder_and_the_worst(files, tmp_path, capfd):
     output = tmp_path / "printed"
     _train(files, output, "--max-steps", "2")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from collections import Counter
 
 import pytest
 import torch
@@ -395,6 +397,39 @@ def test_the_sampler_gives_each_adapter_runs_of_its_batch_size_in_a_new_order_ea
         assert sizes == {"a": [4, 1], "b": [4, 4, 1], "c": [4, 4, 4, 4], "d": [2]}  # the short run last
         orders.append(order)
     assert orders[0] != orders[1] != orders[2]
+
+
+def test_no_batch_of_the_samplers_order_holds_two_runs_of_one_adapter():
+    """On 300 random configurations, each adapter's examples in each batch belong to one of its runs, so that
+    it steps ceil(n / batch) times an epoch, each on one run."""
+    rng = random.Random(1)
+    for trial in range(300):
+        batch = rng.choice([1, 2, 3, 4, 8, 16, 32])
+        sizes = {f"x{i}": rng.randint(1, 300) for i in range(rng.randint(1, 30))}
+        adapters = [name for name, n in sizes.items() for _ in range(n)]
+        order = AdapterBatchSampler(adapters, batch, seed=trial).order()
+        pending, seen, steps = Counter(), Counter(), Counter()
+        for start in range(0, len(order), batch):
+            for name, count in Counter(adapters[i] for i in order[start : start + batch]).items():
+                pending[name] += count
+                seen[name] += count
+                assert pending[name] <= batch, (trial, name)  # else two runs would share this batch's gradient
+                if pending[name] == batch or seen[name] == sizes[name]:
+                    steps[name] += 1
+                    pending[name] = 0
+        assert steps == {name: math.ceil(n / batch) for name, n in sizes.items()}, trial
+
+
+def test_any_prefix_of_the_samplers_order_holds_about_every_adapters_share():
+    """Half an epoch (--epochs 0.5, --max-steps) trains every adapter on about half of its examples, within a
+    batch, instead of the largest adapters first."""
+    adapters = ["big"] * 100 + ["mid"] * 30 + ["small"] * 10 + ["tiny"] * 4
+    for seed in range(5):
+        order = AdapterBatchSampler(adapters, batch_size=10, seed=seed).order()
+        half = Counter(adapters[i] for i in order[: len(order) // 2])
+        for name, n in Counter(adapters).items():
+            if n > 10:
+                assert abs(half[name] - n / 2) <= 10, (seed, dict(half))
 
 
 def test_in_the_samplers_order_each_adapter_makes_the_steps_of_its_own_run():

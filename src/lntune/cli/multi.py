@@ -25,9 +25,8 @@ from torch import nn
 from lntune.cli.common import CLIError, Interrupted, is_main_process, say
 from lntune.cli.data import tokenize
 from lntune.cli.multi_data import AdapterData, mapped_folders, read_adapter_data
-from lntune.cli.output import OutputFolder
+from lntune.cli.output import CHECKPOINTS, METRICS_FILE, PLOT_FILE, OutputFolder
 from lntune.cli.train import (
-    CHECKPOINTS,
     _check_same_run,
     _final_evaluation,
     _interrupted,
@@ -326,7 +325,7 @@ def _finish(trainer, args, model_path: str, run: _Prepared, metrics: dict, outpu
             "adapter_column": args.adapter_column,
             "adapter_value": adapter.value,
         }
-        (folder / "metrics.json").write_text(json.dumps(adapter_metrics, indent=2) + "\n", encoding="utf-8")
+        (folder / METRICS_FILE).write_text(json.dumps(adapter_metrics, indent=2) + "\n", encoding="utf-8")
         record = RunRecord(
             base_model=model_path,
             task=args.task,
@@ -338,7 +337,7 @@ def _finish(trainer, args, model_path: str, run: _Prepared, metrics: dict, outpu
         )
         record.files = sorted({entry.name for entry in folder.iterdir()} | {RUN_FILE})
         record.write(folder)
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (work / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     history = trainer.state.log_history
     if "eval_loss_before" in metrics:
         before = {"before_loss": metrics["eval_loss_before"], "before_accuracy": metrics.get("eval_accuracy_before")}
@@ -353,7 +352,7 @@ def _finish(trainer, args, model_path: str, run: _Prepared, metrics: dict, outpu
         history,
         [m["eval_accuracy_before"] for m in per if m["eval_accuracy_before"] is not None],
         [m["eval_accuracy"] for m in per],
-        work / "training_curves.png",
+        work / PLOT_FILE,
         title,
     )
     shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from lntune.cli.common import CLIError
 from lntune.cli.data import Row, check_columns, is_class_name, label_name, label_names, load_table
+from lntune.cli.output import RUN_NAMES
 
 #: Held out from each value's rows when there is no ``--eval-data``.
 HELD_OUT = 0.1
@@ -46,14 +47,15 @@ class AdapterData:
 
 
 def folder_name(value: str) -> str:
-    """The folder of ``value`` under ``--output``: the value when it is a safe folder name, else its safe
-    characters plus 8 hex digits of its SHA-1 (so that different values never share a folder).
+    """The folder of ``value`` under ``--output``: the value when it is a safe folder name and none of the
+    run's own (`RUN_NAMES`, in any case), else its safe characters plus 8 hex digits of its SHA-1 (so that
+    different values never share a folder).
 
     Example:
-        >>> folder_name("acme-2"), folder_name("Books & Literature")
-        ('acme-2', 'Books_Literature-574827e7')
+        >>> folder_name("acme-2"), folder_name("Books & Literature"), folder_name("Checkpoints")
+        ('acme-2', 'Books_Literature-574827e7', 'Checkpoints-a2b3a59a')
     """
-    if _SAFE_FOLDER.fullmatch(value):
+    if _SAFE_FOLDER.fullmatch(value) and value.lower() not in RUN_NAMES:
         return value
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")[:60] or "value"
     return f"{slug}-{hashlib.sha1(value.encode('utf-8')).hexdigest()[:8]}"

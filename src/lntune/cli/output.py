@@ -28,6 +28,15 @@ MERGE_FILE = "lntune_merge.json"
 #: In the work folder: which command made it, with which settings, and what it measured before training.
 WORK_FILE = "lntune_work.json"
 
+#: What a training run writes in its output folder besides the adapter's files.
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "training_curves.png"
+
+#: Every name a run writes at the top of its output folder: an ``--adapter-column`` value spelled like one
+#: (in any case) gets another folder name, so that it never meets the run's own files.
+RUN_NAMES = frozenset({RUN_FILE, MERGE_FILE, WORK_FILE, CHECKPOINTS, METRICS_FILE, PLOT_FILE})
+
 _MARKERS = (RUN_FILE, MERGE_FILE)
 
 

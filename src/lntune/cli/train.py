@@ -27,7 +27,7 @@ from lntune.cli.data import (
     load_table,
     tokenize,
 )
-from lntune.cli.output import OutputFolder
+from lntune.cli.output import CHECKPOINTS, METRICS_FILE, PLOT_FILE, OutputFolder
 from lntune.loading import load_model, load_tokenizer, max_tokens, model_id, packaged_model_path, set_pad_token
 from lntune.run_record import RUN_FILE, RunRecord
 from lntune.tasks import TRAINABLE_TASKS, Task, task_named
@@ -40,7 +40,6 @@ DEFAULT_MAX_LENGTH = 128
 DEFAULT_WARMUP = 0.1
 DEFAULT_SCHEDULE = "linear"
 DEFAULT_OUTPUT = "lntune-output"
-CHECKPOINTS = "checkpoints"
 
 
 #: `default_learning_rate`: the peak rate of runs up to ``LR_SHORT_STEPS`` optimizer steps, and of runs of
@@ -483,7 +482,7 @@ def _write_outputs(trainer, model, args, name: str, record: RunRecord, metrics: 
 
     work = output.work
     model.save_pretrained(work)
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (work / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     history = trainer.state.log_history
     if "eval_loss_before" in metrics:
         # Trainer.train() starts a fresh log, which drops the evaluation made before training.
@@ -492,6 +491,6 @@ def _write_outputs(trainer, model, args, name: str, record: RunRecord, metrics: 
     data = Path(args.data).name if args.data else DEFAULT_TRAIN
     steps = plural(metrics["train_steps"], "step")
     title = f"LN tuning of {name} on {data}\nlr {metrics['learning_rate']:.3g}, batch {args.batch_size}, {steps}"
-    plot_curves(history, work / "training_curves.png", title)
+    plot_curves(history, work / PLOT_FILE, title)
     shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from
     output.publish(RUN_FILE, record.to_dict())
