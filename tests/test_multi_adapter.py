@@ -368,6 +368,43 @@ def test_accumulated_gradients_survive_a_state_dict_round_trip(perturb):
         torch.testing.assert_close(a, b)
 
 
+def test_end_epoch_steps_what_is_pending_and_counts_the_next_epoch_from_zero(perturb):
+    """Repeated examples at an epoch's end (accelerate's filling of the last global batch under DDP) step at
+    that end and do not shift the next epoch's step boundaries."""
+    sizes = {"two": 2, "five": 5}
+    model = _ragged(perturb, sizes).train()
+    optimizer = AdapterAdamW(model, list(sizes), lr=0.05, batch_size=4, epoch_examples={"two": 3, "five": 4})
+
+    def batch(names):
+        for group in adapter_parameters(model, list(sizes)).values():
+            for p in group:
+                p.grad = torch.ones_like(p)
+        optimizer.add_batch(names)
+        optimizer.step()
+
+    batch(["five"] * 4)  # "five"'s epoch: one full run, it steps
+    batch(["two"] * 3 + ["five"])  # "two"'s epoch ends (it steps); one repeated "five" example is pending
+    assert optimizer.adapter_steps() == {"five": 1, "two": 1} and optimizer.pending() == {"five": 1}
+    optimizer.end_epoch()
+    assert optimizer.adapter_steps() == {"five": 2, "two": 1} and not optimizer.pending()
+    batch(["five"] * 4)  # the next epoch's first run of "five" steps on its own four examples
+    assert optimizer.adapter_steps() == {"five": 3, "two": 1} and not optimizer.pending()
+
+
+def test_an_optimizer_state_of_other_adapters_is_refused_before_anything_loads(perturb):
+    model = _ragged(perturb)
+    trained = AdapterAdamW(model, ["two", "five"], lr=0.05)
+    adapter_cross_entropy(
+        model(input_ids=torch.tensor([[5, 6, 7]]), adapter_names=["two"]).logits, torch.tensor([1])
+    ).backward()
+    trained.add_batch(["two"])
+    trained.step()
+    other = AdapterAdamW(model, ["five", "two"], lr=0.05)
+    with pytest.raises(ValueError, match="another list of adapters"):
+        other.load_state_dict(trained.state_dict())
+    assert not other.state  # no AdamW moments were taken from the refused state
+
+
 def test_adapter_cross_entropy_ignores_padded_classes():
     logits = torch.tensor([[1.0, 2.0, torch.finfo(torch.float32).min], [0.5, -1.0, 3.0]])
     labels = torch.tensor([1, 2])

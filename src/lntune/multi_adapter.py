@@ -252,6 +252,16 @@ class AdapterAdamW(torch.optim.AdamW):
         """Step every adapter with examples pending (the end of a run), whatever their number."""
         self._step_groups(*self._ready({}, final=True))
 
+    def end_epoch(self) -> None:
+        """The data's epoch ended: step every adapter with examples pending and count the next epoch from 0.
+
+        In the sampler's order nothing is pending at an epoch's end; under DDP, accelerate fills the last
+        global batch with examples from the epoch's start (as for any distributed run), and these would
+        otherwise shift every later step's boundary.
+        """
+        self.flush()
+        self._consumed.clear()
+
     def _accumulate(self, counts: dict[int, int]) -> tuple[list[int], dict[int, float]]:
         for i, count in counts.items():
             params = self.param_groups[i]["params"]
@@ -340,13 +350,13 @@ class AdapterAdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict: dict) -> None:
         state = dict(state_dict)
         extra = state.pop("adapters", None)
+        if extra is not None and list(extra["names"]) != self.names:  # checked first: nothing changes if refused
+            raise ValueError("This optimizer state belongs to another list of adapters; resume with the same ones.")
         groups = [dict(g) for g in state["param_groups"]]
         state["param_groups"] = groups
         super().load_state_dict(state)
         if extra is None:
             return
-        if list(extra["names"]) != self.names:
-            raise ValueError("This optimizer state belongs to another list of adapters; resume with the same ones.")
         device = self.param_groups[0]["params"][0].device
         self._accumulated = {int(i): [g.to(device) for g in grads] for i, grads in extra["accumulated"].items()}
         self._pending = {int(i): int(n) for i, n in extra["pending"].items()}

@@ -161,6 +161,11 @@ def _make_trainer(args, run: _Prepared, work: Path, total_steps: int, callbacks:
     from lntune.collators import AdapterCollator
 
     training = _training_arguments(args, work, total_steps)
+    if training.n_gpu > 1:  # Trainer would wrap the model in DataParallel, which cannot split adapter_names
+        raise CLIError(
+            f"--adapter-column: {training.n_gpu} GPUs in one process; run one process per GPU with "
+            f"torchrun --nproc-per-node {training.n_gpu} (or show one GPU: CUDA_VISIBLE_DEVICES=0)."
+        )
     max_grad_norm = training.max_grad_norm or None
     training.max_grad_norm = 0.0  # each adapter's gradient is clipped on its own (AdapterAdamW)
     training.ddp_find_unused_parameters = True  # a batch trains a few of the adapters

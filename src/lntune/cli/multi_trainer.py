@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import get_scheduler
+from transformers import TrainerCallback, get_scheduler
 
 from lntune.checkpoint import load_into_adapter
 from lntune.cli.trainer import AdapterTrainer
@@ -55,6 +55,7 @@ class MultiAdapterTrainer(AdapterTrainer):
         self.adapter_max_grad_norm = max_grad_norm
         self.total_steps = total_steps
         self.adapter_optimizer: AdapterAdamW | None = None
+        self.add_callback(_EndEpoch(self))
         #: One entry per evaluation: ``{"step", "prefix", "accuracy": {adapter: value}, "loss": {adapter: value}}``.
         self.evaluations: list[dict] = []
 
@@ -180,6 +181,17 @@ class MultiAdapterTrainer(AdapterTrainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+class _EndEpoch(TrainerCallback):
+    """Tells the optimizer where each epoch of the data ends (`AdapterAdamW.end_epoch`)."""
+
+    def __init__(self, trainer: MultiAdapterTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer.adapter_optimizer is not None:
+            self.trainer.adapter_optimizer.end_epoch()
 
 
 def _display_optimizer(lr: float) -> torch.optim.Optimizer:
