@@ -27,16 +27,15 @@ from lntune.cli.data import tokenize
 from lntune.cli.multi_data import AdapterData, mapped_folders, read_adapter_data
 from lntune.cli.output import CHECKPOINTS, METRICS_FILE, PLOT_FILE, OutputFolder
 from lntune.cli.train import (
-    _check_same_run,
     _final_evaluation,
     _interrupted,
     _last_checkpoint,
-    _settings,
     _training_arguments,
+    run_in_output,
     run_train,
     tuning_model,
 )
-from lntune.loading import model_id, packaged_model_path
+from lntune.loading import model_id
 from lntune.run_record import RUN_FILE, RunRecord
 from lntune.tasks import task_named
 
@@ -77,22 +76,7 @@ def run_multi_train(args: argparse.Namespace, callbacks: list | None = None) -> 
     """
     if not task_named(args.task).classifies:
         raise CLIError("--adapter-column trains classifiers, one head per value: use it with --task seq-cls.")
-    with OutputFolder(args.output, overwrite=args.overwrite) as output:
-        model_path = args.model or packaged_model_path()
-        settings = _settings(args, model_path)
-        kept = output.check_work("train", resume=args.resume)
-        if args.resume:
-            _check_same_run(kept.get("settings", {}), settings)
-            if _last_checkpoint(output.work) is None:
-                raise CLIError(f"--resume: no checkpoint in {output.work}; start without --resume.")
-        try:
-            return _train(args, model_path, settings, kept, output, callbacks)
-        except BaseException as exc:
-            if _last_checkpoint(output.work) is None:
-                output.discard_work()
-            if isinstance(exc, KeyboardInterrupt):
-                raise Interrupted(_interrupted(args, output, None)) from None
-            raise
+    return run_in_output(args, _train, callbacks)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,6 +288,25 @@ def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         >>> run_train(build_parser().parse_args(["train", "--max-steps", "10"]))["eval_accuracy"]
         0.71
     """
+    return run_in_output(args, _train, callbacks)
+
+
+def run_in_output(args: argparse.Namespace, train: Callable[..., dict], callbacks: list | None) -> dict:
+    """Run a training function in ``--output``'s work folder, as every ``lntune train`` run does.
+
+    Takes the folder's lock, checks ``--resume`` against the interrupted run's settings, and calls
+    ``train(args, model_path, settings, kept, output, callbacks)`` (``kept``: the interrupted run's saved
+    state, or None). A failure before any checkpoint discards the work folder (only one this run created);
+    Ctrl-C becomes `Interrupted`, whose message says how to resume.
+
+    Args:
+        args: Parsed ``lntune train`` options.
+        train: The run (`_train` here, or the ``--adapter-column`` one).
+        callbacks: Extra ``TrainerCallback`` objects, passed on.
+
+    Returns:
+        What ``train`` returns: the run's metrics.
+    """
     with OutputFolder(args.output, overwrite=args.overwrite) as output:
         model_path = args.model or packaged_model_path()
         settings = _settings(args, model_path)
@@ -296,7 +316,7 @@ def run_train(args: argparse.Namespace, callbacks: list | None = None) -> dict:
             if _last_checkpoint(output.work) is None:
                 raise CLIError(f"--resume: no checkpoint in {output.work}; start without --resume.")
         try:
-            return _train(args, model_path, settings, kept, output, callbacks)
+            return train(args, model_path, settings, kept, output, callbacks)
         except BaseException as exc:
             if _last_checkpoint(output.work) is None:
                 output.discard_work()  # only one this run created: nothing in it could be resumed
