@@ -315,7 +315,7 @@ def test_each_adapter_of_a_run_equals_its_own_training_on_the_same_batches(files
             torch.testing.assert_close(alone[key].detach(), value, atol=1e-5, rtol=1e-4)
 
 
-def test_without_lr_each_adapter_gets_the_default_of_its_own_run_length(tmp_path):
+def test_without_lr_each_adapter_gets_the_default_of_its_own_run_length():
     from types import SimpleNamespace
 
     from lntune.cli.multi import _rates, _schedules
@@ -323,10 +323,10 @@ def test_without_lr_each_adapter_gets_the_default_of_its_own_run_length(tmp_path
 
     args = build_parser().parse_args(["train", "--adapter-column", "c", "--batch-size", "1", "--epochs", "1"])
     adapters = [SimpleNamespace(name="small", train=[{}] * 20), SimpleNamespace(name="large", train=[{}] * 200)]
-    schedules = _schedules(args, tmp_path, adapters, 220)
+    schedules = _schedules(args, adapters, 220)
     assert schedules["small"] == (default_learning_rate(20), warmup_steps(20), 20)
     assert schedules["large"] == (default_learning_rate(200), warmup_steps(200), 200)
     assert schedules["large"][0] < schedules["small"][0]
     assert _rates(schedules) == f"{default_learning_rate(200):.3g} to {default_learning_rate(20):.3g}"
     given = build_parser().parse_args(["train", "--adapter-column", "c", "--batch-size", "1", "--lr", "0.02"])
-    assert {lr for lr, _, _ in _schedules(given, tmp_path, adapters, 220).values()} == {0.02}
+    assert {lr for lr, _, _ in _schedules(given, adapters, 220).values()} == {0.02}

@@ -31,6 +31,11 @@ def missing_demo_modules() -> list[str]:
     return [name for name in DEMO_MODULES if importlib.util.find_spec(name) is None]
 
 
+def world_size() -> int:
+    """The number of processes of the run (``WORLD_SIZE`` from torchrun/accelerate; 1 when not distributed)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """Whether this is rank 0 (or not distributed at all): only rank 0 prints and writes files."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from collections.abc import Iterator
 
 from transformers import TrainerCallback
+
+from lntune.cli.common import world_size
 
 
 class StopOnInterrupt(TrainerCallback):
@@ -34,7 +35,7 @@ class StopOnInterrupt(TrainerCallback):
     @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
         """Catch SIGINT inside the block (main thread of a single-process run only)."""
-        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        single = world_size() == 1
         if not single or threading.current_thread() is not threading.main_thread():
             yield
             return

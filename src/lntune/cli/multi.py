@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -22,21 +21,23 @@ from pathlib import Path
 
 from torch import nn
 
-from lntune.cli.common import CLIError, Interrupted, is_main_process, say
+from lntune.cli.common import CLIError, is_main_process, say, world_size
 from lntune.cli.data import tokenize
 from lntune.cli.multi_data import AdapterData, mapped_folders, read_adapter_data
 from lntune.cli.output import CHECKPOINTS, METRICS_FILE, PLOT_FILE, OutputFolder
 from lntune.cli.train import (
-    _final_evaluation,
-    _interrupted,
-    _last_checkpoint,
     _training_arguments,
+    as_before_metrics,
+    learning_rate,
     run_in_output,
+    run_record,
     run_train,
+    train_to_end,
     tuning_model,
+    warmup_steps,
 )
 from lntune.loading import model_id
-from lntune.run_record import RUN_FILE, RunRecord
+from lntune.run_record import RUN_FILE
 from lntune.tasks import task_named
 
 #: How many of the worst adapters the end of a run lists.
@@ -112,28 +113,20 @@ def _prepare(args: argparse.Namespace, model_path: str) -> _Prepared:
     return _Prepared(model, tokenizer, adapters, train_set, eval_set, max_length, left_out, eval_source)
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _schedules(args, work: Path, adapters: list[AdapterData], total_steps: int) -> dict[str, tuple[float, int, int]]:
+def _schedules(args, adapters: list[AdapterData], total_steps: int) -> dict[str, tuple[float, int, int]]:
     """Each adapter's ``(peak learning rate, warm-up steps, steps)``: what ``lntune train`` would choose for a run
-    of that adapter alone with the same options (`_training_arguments` for its own number of steps), so that
-    defaults that depend on a run's length follow each adapter's."""
+    of that adapter alone with the same options (`learning_rate` and `warmup_steps` of its own number of
+    steps), so that defaults that depend on a run's length follow each adapter's."""
     from lntune.multi_adapter import adapter_steps_planned
 
-    batch = args.batch_size * _world_size()
+    batch = args.batch_size * world_size()
     epochs = args.epochs
     if args.max_steps:  # the share of the data the run covers, as epochs
         epochs = total_steps * batch / sum(len(a.train) for a in adapters)
-    chosen: dict[int, tuple[float, int, int]] = {}
     out = {}
     for adapter in adapters:
         steps = adapter_steps_planned(len(adapter.train), batch, epochs)
-        if steps not in chosen:
-            alone = _training_arguments(args, work, steps)
-            chosen[steps] = (alone.learning_rate, alone.get_warmup_steps(steps), steps)
-        out[adapter.name] = chosen[steps]
+        out[adapter.name] = (learning_rate(args, steps), warmup_steps(steps), steps)
     return out
 
 
@@ -162,7 +155,7 @@ def _make_trainer(args, run: _Prepared, work: Path, total_steps: int, callbacks:
         callbacks=[EvalLines(total_steps), *callbacks],
         adapters=[a.name for a in run.adapters],
         epoch_examples={a.name: len(a.train) for a in run.adapters},
-        schedules=_schedules(args, work, run.adapters, total_steps),
+        schedules=_schedules(args, run.adapters, total_steps),
         max_grad_norm=max_grad_norm,
         total_steps=total_steps,
     )
@@ -185,12 +178,7 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
         output.save_state({"command": "train", "settings": settings, "before": before, "adapters": before_adapters})
     else:
         before, before_adapters = kept.get("before", {}), kept.get("adapters", {})
-    resume_from = str(_last_checkpoint(output.work)) if kept is not None else None
-    with stop.armed():
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    if stop.requested and result.global_step < trainer.state.max_steps:
-        raise Interrupted(_interrupted(args, output, trainer.state.max_steps))
-    after = _final_evaluation(trainer)
+    result, after = train_to_end(trainer, stop, args, output, resumed=kept is not None)
     metrics = _summary(args, run, trainer, result, before, before_adapters, after)
     if is_main_process():
         _finish(trainer, args, model_path, run, metrics, output)
@@ -273,7 +261,7 @@ def _summary(args, run: _Prepared, trainer, result, before: dict, before_adapter
         "adapters": len(run.adapters),
         "adapter_column": args.adapter_column,
         **{k: v for k, v in after.items() if k.startswith("eval_")},
-        **{k.replace("before_", "eval_") + "_before": v for k, v in before.items() if k.startswith("before_")},
+        **as_before_metrics(before),
         "eval_accuracy_median": statistics.median(accuracy),
         "train_loss": result.training_loss,
         "train_runtime": result.metrics["train_runtime"],
@@ -315,15 +303,8 @@ def _finish(trainer, args, model_path: str, run: _Prepared, metrics: dict, outpu
             "adapter_value": adapter.value,
         }
         (folder / METRICS_FILE).write_text(json.dumps(adapter_metrics, indent=2) + "\n", encoding="utf-8")
-        record = RunRecord(
-            base_model=model_path,
-            task=args.task,
-            labels=adapter.labels,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            max_length=run.max_length,
-            extra={"adapter_column": args.adapter_column, "adapter_value": adapter.value},
-        )
+        extra = {"adapter_column": args.adapter_column, "adapter_value": adapter.value}
+        record = run_record(args, model_path, run.max_length, labels=adapter.labels, extra=extra)
         record.files = sorted({entry.name for entry in folder.iterdir()} | {RUN_FILE})
         record.write(folder)
     (work / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -345,13 +326,9 @@ def _finish(trainer, args, model_path: str, run: _Prepared, metrics: dict, outpu
         title,
     )
     shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # last: until here, Ctrl-C leaves one to resume from
-    summary = RunRecord(
-        base_model=model_path,
-        task=args.task,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        max_length=run.max_length,
-        extra={"adapter_column": args.adapter_column, "adapters": {a.value: a.folder for a in run.adapters}},
+    adapters = {a.value: a.folder for a in run.adapters}
+    summary = run_record(
+        args, model_path, run.max_length, extra={"adapter_column": args.adapter_column, "adapters": adapters}
     )
     output.publish(RUN_FILE, summary.to_dict())
     _print_end(metrics, output.path)

@@ -447,15 +447,10 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
         output.save_state({"command": "train", "settings": settings, "before": before})
     else:
         before = kept.get("before", {})
-    resume_from = str(_last_checkpoint(output.work)) if kept is not None else None
-    with stop.armed():
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    if stop.requested and result.global_step < trainer.state.max_steps:
-        raise Interrupted(_interrupted(args, output, trainer.state.max_steps))
-    after = _final_evaluation(trainer)
+    result, after = train_to_end(trainer, stop, args, output, resumed=kept is not None)
     metrics = {
         **{k: v for k, v in after.items() if k.startswith("eval_")},
-        **{k.replace("before_", "eval_") + "_before": v for k, v in before.items() if k.startswith("before_")},
+        **as_before_metrics(before),
         "train_loss": result.training_loss,
         "train_runtime": result.metrics["train_runtime"],
         "train_steps": result.global_step,
@@ -473,20 +468,55 @@ def _train(args, model_path: str, settings: dict, kept: dict | None, output: Out
 
 def _finish(trainer, args, name: str, model_path: str, run: _Prepared, metrics: dict, output: OutputFolder) -> None:
     """Write the run's files, publish the output folder and print the one-line summary (rank 0)."""
-    record = RunRecord(
-        base_model=model_path,
-        task=run.task.name,
-        labels=run.labels,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        max_length=run.max_length,
-    )
+    record = run_record(args, model_path, run.max_length, labels=run.labels)
     _write_outputs(trainer, run.model, args, name, record, metrics, output)
     summary = f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}"
     if "eval_accuracy" in metrics:
         accuracy = f"held-out accuracy {metrics['eval_accuracy_before']:.4f} -> {metrics['eval_accuracy']:.4f}"
         summary = f"{accuracy}, {summary}"
     say(f"lntune: {summary}; adapter, metrics.json and plot written to {output.path}")
+
+
+def train_to_end(trainer, stop, args: argparse.Namespace, output: OutputFolder, resumed: bool):
+    """Train to the run's last step (from the work folder's last checkpoint when ``resumed``), then evaluate.
+
+    Args:
+        trainer: The run's Trainer.
+        stop: Its `lntune.cli.interrupt.StopOnInterrupt` callback (armed here: Ctrl-C saves a checkpoint).
+        args: The parsed ``lntune train`` options (for the resume command line).
+        output: The run's output folder.
+        resumed: Whether the run continues an interrupted one (``--resume``).
+
+    Returns:
+        Trainer's ``TrainOutput`` and the metrics of the final weights' evaluation.
+
+    Raises:
+        Interrupted: Ctrl-C stopped the run before its last step; the message says how to resume.
+    """
+    resume_from = str(_last_checkpoint(output.work)) if resumed else None
+    with stop.armed():
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.requested and result.global_step < trainer.state.max_steps:
+        raise Interrupted(_interrupted(args, output, trainer.state.max_steps))
+    return result, _final_evaluation(trainer)
+
+
+def as_before_metrics(before: dict) -> dict:
+    """The evaluation before training (``before_loss``...) under its metrics.json names (``eval_loss_before``...)."""
+    return {k.replace("before_", "eval_") + "_before": v for k, v in before.items() if k.startswith("before_")}
+
+
+def run_record(args: argparse.Namespace, model_path: str, max_length: int, **fields) -> RunRecord:
+    """The `RunRecord` of a training run: base model, task, columns and ``max_length``, plus ``fields``
+    (``labels``, ``extra``)."""
+    return RunRecord(
+        base_model=model_path,
+        task=args.task,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_length=max_length,
+        **fields,
+    )
 
 
 def _final_evaluation(trainer) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 from transformers import Trainer
 
 from lntune.checkpoint import load_into_adapter
+from lntune.cli.common import world_size
 from lntune.cli.progress import use_progress_bar
 
 
@@ -55,5 +56,4 @@ def schedule_steps(num_examples: int, batch_size: int, epochs: float, max_steps:
     """Optimizer steps of a run over all processes (``WORLD_SIZE`` from torchrun/accelerate)."""
     if max_steps > 0:
         return max_steps
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return max(1, math.ceil(epochs * math.ceil(num_examples / (batch_size * world))))
+    return max(1, math.ceil(epochs * math.ceil(num_examples / (batch_size * world_size()))))
