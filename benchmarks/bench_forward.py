@@ -4,39 +4,52 @@
 
 Shapes: a deep narrow Llama (48 layers, hidden 64, batch 1 x seq 8: 97 wrapped norms, where a
 wrapper's per-call cost shows most) and a larger one (8 layers, hidden 512, batch 4 x seq 128).
-Variants (`timing.forward_variants`): the bare model, lntune and PEFT with the adapter active, both
+Variants (`timing.FORWARD_VARIANTS`): the bare model, lntune and PEFT with the adapter active, both
 merged, and lntune's ``merge_and_unload()``. Inference under ``torch.no_grad()``.
 
-Two copies of the same model differ in speed by a few percent on this CPU, from where their tensors
-landed in memory: one second copy is not a noise floor. So each variant is built ``--instances``
-times (interleaved, every one a deep copy), every instance is timed round-robin with all others, and
-the table gives per variant the median over its instances (of each instance's median), its ratio to
-the bare model's, and the range of its instances' ratios. The bare model's own range is the noise
-floor. A last table times one call of a norm alone (bare, wrapped, wrapped and merged): the wrapper's
+Two copies of the same model differ in speed by a percent or more on this CPU, from where their
+tensors and Python objects landed in memory: one second copy is not a noise floor. So each variant
+is built ``--instances`` times (every one a deep copy), every instance is timed round-robin with all
+others, and the table gives per variant the median over its instances (of each instance's median),
+its ratio to the bare model's, and the range of its instances' ratios. The bare model's own range is
+the noise floor. Instances are built in a shuffled order, each after an allocation of random size
+(tensor memory and Python objects), and timed in a shuffled order (``--seed``): built in a fixed
+pattern, every instance of one variant lands at the same offsets and the layout's cost looks like
+the variant's. A last table times one call of a norm alone (bare, wrapped, wrapped and merged): the wrapper's
 own cost per call, without the rest of the model.
 """
 
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 
-from timing import forward_variants, interleaved, llama, no_grad_forward, parser, setup, shapes, table, token_ids
+from timing import FORWARD_VARIANTS, interleaved, llama, no_grad_forward, parser, setup, shapes, table, token_ids
 
 HEADERS = ["variant", "median ms", "vs bare model", "instances' range", "instances"]
 
 
 def bench_shape(layers: int, hidden: int, batch: int, seq: int, args) -> list[list[str]]:
+    import torch
+
     base = llama(layers, hidden).to(args.device)
     ids = token_ids(batch, seq, device=args.device)
+    rng = random.Random(args.seed)
+    names = [name for name in FORWARD_VARIANTS for _ in range(args.instances)]
+    rng.shuffle(names)
     instances: dict[str, list] = {}
-    for _ in range(args.instances):  # interleaved, so that no variant gets all the early (or late) memory
-        for name, model in forward_variants(base).items():
-            instances.setdefault(name, []).append(model)
-    fns = {(name, i): no_grad_forward(m, ids) for name, models in instances.items() for i, m in enumerate(models)}
+    padding = []  # kept alive, so that each instance starts at a random offset
+    for name in names:
+        padding.append(torch.empty(rng.randrange(1, 1 << 16), device=args.device))  # moves tensors
+        padding.append([object() for _ in range(rng.randrange(1, 2000))])  # moves Python objects
+        instances.setdefault(name, []).append(FORWARD_VARIANTS[name](base))
+    keys = [(name, i) for name, models in instances.items() for i in range(len(models))]
+    rng.shuffle(keys)
+    fns = {(name, i): no_grad_forward(instances[name][i], ids) for name, i in keys}
     samples = interleaved(fns, args.rounds, args.device)
     per_instance = {key: statistics.median(values) for key, values in samples.items()}
-    medians = {name: [per_instance[name, i] for i in range(len(models))] for name, models in instances.items()}
+    medians = {name: [per_instance[name, i] for i in range(len(instances[name]))] for name in FORWARD_VARIANTS}
     bare = statistics.median(medians["bare model"])
     rows = []
     for name, values in medians.items():
@@ -83,7 +96,8 @@ def bench_one_call(args) -> list[list[str]]:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--instances", type=int, default=5, help="models built per variant (default 5; quick: 2)")
+    p.add_argument("--instances", type=int, default=9, help="models built per variant (default 9; quick: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the build and timing orders and the padding")
     args = p.parse_args()
     if args.quick:
         args.instances = min(args.instances, 2)

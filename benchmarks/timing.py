@@ -151,19 +151,27 @@ def peft_model(base: torch.nn.Module, **kwargs) -> torch.nn.Module:
     return peft.get_peft_model(copy.deepcopy(base), peft.LNTuningConfig(task_type="CAUSAL_LM"), **kwargs)
 
 
+def _merged(model: torch.nn.Module) -> torch.nn.Module:
+    model.merge_adapter()
+    return model
+
+
+#: The models the forward benchmarks compare, each built from a deep copy of the base model: the bare
+#: model, lntune and PEFT with the adapter active, both merged, and lntune's ``merge_and_unload()`` (a
+#: plain model again).
+FORWARD_VARIANTS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    "bare model": copy.deepcopy,
+    "lntune": lntune_model,
+    "PEFT": peft_model,
+    "lntune merged": lambda base: _merged(lntune_model(base)),
+    "PEFT merged": lambda base: _merged(peft_model(base)),
+    "lntune merge_and_unload": lambda base: lntune_model(base).merge_and_unload(),
+}
+
+
 def forward_variants(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The models the forward benchmarks compare, each a deep copy of ``base``: the bare model, lntune and
-    PEFT with the adapter active, both merged, and lntune's ``merge_and_unload()`` (a plain model again)."""
-    merged = {"lntune merged": lntune_model(base), "PEFT merged": peft_model(base)}
-    for model in merged.values():
-        model.merge_adapter()
-    return {
-        "bare model": copy.deepcopy(base),
-        "lntune": lntune_model(base),
-        "PEFT": peft_model(base),
-        **merged,
-        "lntune merge_and_unload": lntune_model(base).merge_and_unload(),
-    }
+    """One model of each of `FORWARD_VARIANTS`, built from ``base``."""
+    return {name: build(base) for name, build in FORWARD_VARIANTS.items()}
 
 
 def token_ids(batch: int, seq: int, vocab: int = 256, device: str = "cpu", seed: int = 1) -> torch.Tensor:

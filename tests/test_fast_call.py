@@ -9,8 +9,11 @@ instead of silently skipping that hook; and they check that every kind of hook i
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
+import pickle
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
@@ -66,15 +69,37 @@ def test_call_goes_through_wrapped_call_impl_and_its_compiled_call():
     }, "nn.Module._wrapped_call_impl reads something new; update lntune.fast_call"
 
 
+def test_direct_call_checks_what_torch_checks():
+    """`direct_call` writes its checks out (no loop, no helper); they must name exactly what torch checks."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fast_call.direct_call)))
+    checks = [node for node in ast.walk(tree) if isinstance(node, ast.If) and isinstance(node.test, ast.UnaryOp)]
+    assert len(checks) == 1
+    strings = {n.value for n in ast.walk(checks[0].test) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert strings == set(fast_call.MODULE_HOOKS)
+    names = _names_in(checks[0].test)
+    assert set(fast_call.GLOBAL_HOOKS) <= names and "COMPILED_CALL" in names and "_tracing" in names
+
+
 def _layer() -> LNTuningLayer:
     layer = LNTuningLayer(nn.LayerNorm(4), "default")
     layer.set_adapter("default")
     return layer
 
 
+def _call(layer: nn.Module, x: torch.Tensor | None = None) -> tuple[bool, torch.Tensor]:
+    """Call ``layer`` once: whether it ran the forward directly (not ``nn.Module.__call__``), and its output."""
+    slow = []
+    arm = fast_call.arm
+    with mock.patch.object(fast_call, "arm", lambda wrapper: (slow.append(wrapper), arm(wrapper))[1]):
+        out = layer(torch.randn(2, 4) if x is None else x)
+    return not slow, out
+
+
 def test_no_hook_calls_forward_directly():
     layer = _layer()
-    assert fast_call.direct_call_allowed(layer, layer._direct)
+    assert layer._direct is layer.tuned_module("default")
+    direct, out = _call(layer, torch.ones(2, 4))
+    assert direct and torch.equal(out, layer.tuned_module("default")(torch.ones(2, 4)))
 
 
 def _record(seen: list):
@@ -94,16 +119,28 @@ HOOKS = {
 @pytest.mark.parametrize("kind", list(HOOKS))
 def test_every_forward_hook_is_honoured(kind, where):
     layer = _layer()
+    _call(layer)
     target = layer if where == "wrapper" else layer.tuned_module("default")
     seen: list = []
     handle = HOOKS[kind](target, seen)
     try:
-        assert not fast_call.direct_call_allowed(layer, layer._direct)
-        layer(torch.randn(2, 4))
+        assert _call(layer)[0] is False
+        assert _call(layer)[0] is False  # still there after a call
     finally:
         handle.remove()
-    assert any(module is target for module in seen)
-    assert fast_call.direct_call_allowed(layer, layer._direct)
+    assert sum(module is target for module in seen) == 2
+    _call(layer)  # a wrapper hook is gone: the first call after finds out and re-arms
+    assert _call(layer)[0] is True
+
+
+def test_a_hook_dict_written_directly_is_honoured():
+    """Not only ``register_forward_hook``: whatever reaches the wrapper's hook dict disarms the direct call."""
+    layer = _layer()
+    _call(layer)
+    seen: list = []
+    layer._forward_pre_hooks[0] = _record(seen)
+    assert _call(layer)[0] is False
+    assert seen == [layer]
 
 
 @pytest.mark.parametrize("glob", [False, True])
@@ -116,17 +153,55 @@ def test_backward_hooks_are_honoured(glob):
     else:
         handle = layer.tuned_module("default").register_full_backward_hook(hook)
     try:
-        assert not fast_call.direct_call_allowed(layer, layer._direct)
-        layer(torch.randn(2, 4, requires_grad=True)).sum().backward()
+        direct, out = _call(layer, torch.randn(2, 4, requires_grad=True))
+        out.sum().backward()
     finally:
         handle.remove()
-    assert seen
+    assert not direct and seen
 
 
-def test_compiled_and_traced_calls_take_torchs_path():
+@pytest.mark.parametrize("where", ["wrapper", "tuned copy"])
+def test_compiled_calls_take_torchs_path(where):
     layer = _layer()
-    layer.tuned_module("default")._compiled_call_impl = lambda *a, **k: None
-    assert not fast_call.direct_call_allowed(layer, layer._direct)
-    layer.tuned_module("default")._compiled_call_impl = None
+    target = layer if where == "wrapper" else layer.tuned_module("default")
+    calls = []
+    target._compiled_call_impl = lambda *a, **k: calls.append(1)
+    assert _call(layer)[0] is False and calls == [1]
+    target._compiled_call_impl = None
+    _call(layer)
+    assert _call(layer)[0] is True and calls == [1]
+
+
+def test_a_replaced_forward_runs():
+    """accelerate's ``add_hook_to_module`` replaces ``module.forward``: that forward must run, not the direct call."""
+    layer = _layer()
+    selected = layer.forward
+    layer.forward = lambda x: selected(x) * 0
+    direct, out = _call(layer, torch.ones(2, 4))
+    assert not direct and out.abs().sum() == 0
+    layer.forward = selected  # accelerate's remove_hook_from_module puts the old forward back
+    assert "forward" not in layer._modules  # a bound method: not registered as a submodule
+    _call(layer)
+    assert _call(layer)[0] is True
+
+
+SEEN: list = []
+
+
+def _module_level_hook(module, args, output) -> None:  # picklable, unlike a lambda
+    SEEN.append(module)
+
+
+def test_copies_and_pickles_keep_the_hooks():
+    layer = _layer()
+    layer.register_forward_hook(_module_level_hook)
+    SEEN.clear()
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert _call(other)[0] is False
+        assert SEEN[-1] is other
+    assert len(SEEN) == 2
+
+
+def test_traced_calls_take_torchs_path():
     traced = torch.jit.trace(_layer(), torch.randn(2, 4))
     assert torch.allclose(traced(torch.ones(2, 4)), _layer()(torch.ones(2, 4)))

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lntune.fast_call import direct_call_allowed
+from lntune.fast_call import direct_call, select, watch_call_state
 from lntune.mixed_batch import BatchAdapters, first_tensor
 from lntune.precision import LOW_PRECISION, float_dtype, runner, upcast_parameters
 
@@ -35,6 +35,7 @@ def as_names(names: str | Sequence[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+@watch_call_state
 class AdapterWrapper(nn.Module):
     """Base class of the two wrappers: a module's original plus one copy per adapter.
 
@@ -248,21 +249,13 @@ class AdapterWrapper(nn.Module):
         else:
             module = self._active_module()
             fn = self._raise_multiple_active if module is None else self.runner_for(module)
-        # Plain attributes, not submodules (state_dict and named_modules are unchanged): `forward` is what
-        # nn.Module.__call__ runs; `_direct` is the module `__call__` may run directly (a module with a
-        # __call__ of its own always goes through it).
-        direct = isinstance(fn, nn.Module) and type(fn).__call__ is nn.Module.__call__
-        object.__setattr__(self, "forward", fn)
-        object.__setattr__(self, "_direct", fn if direct else None)
+        # `forward` becomes a plain attribute, not a submodule (state_dict and named_modules are unchanged):
+        # what nn.Module.__call__ runs, and what `__call__` runs directly when nothing observes the call.
+        select(self, fn)
 
-    def __call__(self, *args, **kwargs):
-        # The selected module's forward, called directly: one Python call instead of nn.Module.__call__
-        # twice (the wrapper's, then the module's). Only when nothing would observe the difference (see
-        # lntune.fast_call); otherwise nn.Module's own path runs, hooks and all.
-        module = self._direct
-        if module is not None and direct_call_allowed(self, module):
-            return module.forward(*args, **kwargs)
-        return nn.Module.__call__(self, *args, **kwargs)
+    # The selected module's forward, called directly when nothing would observe the difference (hooks,
+    # compile, tracing): see lntune.fast_call, the one module that knows what nn.Module.__call__ checks.
+    __call__ = direct_call
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
