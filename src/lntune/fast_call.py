@@ -4,9 +4,9 @@
 would observe the call: a forward or backward hook (on the module, or global), a compiled call
 (``module.compile()``), or TorchScript tracing. An lntune wrapper skips that layer when none of these
 is present, and calls the chosen module's ``forward`` itself: one Python call instead of two
-``__call__`` layers per norm (see `lntune.wrapper.AdapterWrapper.__call__`).
+``__call__`` layers per norm (`direct_call`, the wrappers' ``__call__``).
 
-What a call checks is split in two, so that a wrapped norm costs what the bare norm does:
+What a call checks is split in two, so that a wrapped call reads little more than the bare module's:
 
 * **The wrapper's own state** (its hook dicts, its compiled call, its ``forward``) is not read per
   call. `watch_call_state` makes those attributes of the wrapper class observed: any access to them
@@ -22,7 +22,7 @@ release lacks one of the attributes read here, `DIRECT_CALLS` is False: every ca
 ``nn.Module.__call__`` (always right, a little slower), with one warning.
 
 >>> layer = LNTuningLayer(nn.LayerNorm(4), "default")
->>> layer._direct is layer.base_layer  # armed: layer(x) runs base_layer.forward(x) directly
+>>> layer._direct is layer.ln_tuning_layers["default"]  # armed: layer(x) runs the copy's forward directly
 True
 """
 
