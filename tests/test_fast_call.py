@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import inspect
 import pickle
 import textwrap
@@ -89,8 +90,14 @@ def _layer() -> LNTuningLayer:
 def _call(layer: nn.Module, x: torch.Tensor | None = None) -> tuple[bool, torch.Tensor]:
     """Call ``layer`` once: whether it ran the forward directly (not ``nn.Module.__call__``), and its output."""
     slow = []
-    arm = fast_call.arm
-    with mock.patch.object(fast_call, "arm", lambda wrapper: (slow.append(wrapper), arm(wrapper))[1]):
+    torch_call = nn.Module.__call__
+
+    def recording_call(module, *args, **kwargs):
+        if module is layer:
+            slow.append(module)
+        return torch_call(module, *args, **kwargs)
+
+    with mock.patch.object(nn.Module, "__call__", recording_call):
         out = layer(torch.randn(2, 4) if x is None else x)
     return not slow, out
 
@@ -173,16 +180,65 @@ def test_compiled_calls_take_torchs_path(where):
 
 
 def test_a_replaced_forward_runs():
-    """accelerate's ``add_hook_to_module`` replaces ``module.forward``: that forward must run, not the direct call."""
+    """``module.forward = ...`` (a user's, or accelerate's hooks): that forward runs, not the direct call."""
     layer = _layer()
     selected = layer.forward
     layer.forward = lambda x: selected(x) * 0
     direct, out = _call(layer, torch.ones(2, 4))
     assert not direct and out.abs().sum() == 0
-    layer.forward = selected  # accelerate's remove_hook_from_module puts the old forward back
+    layer.forward = selected  # put back, as accelerate's remove_hook_from_module does
     assert "forward" not in layer._modules  # a bound method: not registered as a submodule
     _call(layer)
     assert _call(layer)[0] is True
+
+
+def test_a_hooked_forward_follows_set_adapter_and_goes_when_removed():
+    """accelerate's ``add_hook_to_module`` keeps the old forward and calls it; ``set_adapter`` must not drop
+    the hook, and after ``remove_hook_from_module`` the adapter active then runs (as in PEFT)."""
+    layer = LNTuningLayer(nn.LayerNorm(4), "default")
+    layer.update_layer("b")
+    with torch.no_grad():
+        layer.ln_tuning_layers["b"].weight.fill_(3.0)
+    calls = []
+    layer._old_forward = layer.forward  # what add_hook_to_module does
+    layer.forward = functools.partial(lambda module, *args: (calls.append(1), module._old_forward(*args))[1], layer)
+    layer.set_adapter("b")
+    x = torch.randn(2, 4)
+    assert torch.equal(layer(x), layer.ln_tuning_layers["b"](x)) and calls == [1]
+    layer.forward = layer._old_forward  # what remove_hook_from_module does
+    del layer._old_forward
+    layer(x)
+    direct, out = _call(layer, x)
+    assert direct and torch.equal(out, layer.ln_tuning_layers["b"](x)) and calls == [1]
+
+
+def test_hooks_added_through_any_reference_are_honoured():
+    layer = _layer()
+    held = layer._forward_pre_hooks
+    _call(layer)
+    twin = copy.copy(layer)  # shares the hook dicts, as a shallow copy does
+    seen: list = []
+    held[0] = _record(seen)
+    layer.register_forward_hook(_record(seen))
+    assert _call(layer)[0] is False and _call(twin)[0] is False
+    assert seen == [layer, layer, twin, twin]
+
+
+@pytest.mark.parametrize("hook", ["on the tuned copy", "global", "on the wrapper"])
+def test_torch_compile_runs_the_hooks(hook):
+    layer = _layer()
+    net = nn.Sequential(nn.Linear(4, 4), layer)
+    if hook == "global":
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    else:
+        target = layer if hook == "on the wrapper" else layer.tuned_module("default")
+        handle = target.register_forward_hook(lambda module, args, out: out * 2)
+    try:
+        x = torch.randn(2, 4)
+        assert torch.allclose(torch.compile(net, backend="eager")(x), net(x))
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
 
 
 SEEN: list = []

@@ -9,10 +9,12 @@ is present, and calls the chosen module's ``forward`` itself: one Python call in
 What a call checks is split in two, so that a wrapped call reads little more than the bare module's:
 
 * **The wrapper's own state** (its hook dicts, its compiled call, its ``forward``) is not read per
-  call. `watch_call_state` makes those attributes of the wrapper class observed: any access to them
-  through the attribute (which registering a hook, ``compile()`` or replacing ``forward`` all make)
-  disarms the direct call, and `arm` re-arms it after checking them again (the wrapper does so after
-  its next call through ``nn.Module.__call__``, and whenever it selects what forward runs).
+  call but watched (`watch_call_state`): the wrapper's hook dicts are `WatchedHooks`, which disarm
+  the direct call of every wrapper holding them when an entry is added (as ``register_forward_hook``
+  and the other ``register_*`` methods do), and assigning the compiled call, ``forward`` or a hook
+  dict disarms it too. `arm` re-arms it after checking them again: after the wrapper's next call
+  through ``nn.Module.__call__``, and whenever it selects what forward runs. Reading them has no
+  effect (``torch.compile`` reads them while it traces).
 * **The chosen module, global hooks and tracing** are checked on every call (`direct_call`, the
   wrappers' ``__call__``), as ``nn.Module.__call__`` itself checks them for the bare module.
 
@@ -29,6 +31,8 @@ True
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -51,8 +55,11 @@ COMPILED_CALL = "_compiled_call_impl"
 #: The wrapper attribute holding the module its ``__call__`` runs directly, or ``None`` (disarmed).
 DIRECT = "_direct"
 
-#: The wrapper attribute holding what `select` chose: ``(module or callable, the forward set for it)``.
+#: The wrapper attribute holding what `select` chose: the module, or any callable, its forward runs.
 SELECTED = "_selected_forward"
+
+#: The wrapper attribute set when a hook dict that is not a `WatchedHooks` was assigned: never armed again.
+UNWATCHED = "_hooks_unwatched"
 
 
 def _torch_has_what_we_read() -> bool:
@@ -123,64 +130,108 @@ def direct_call(self: nn.Module, *args, **kwargs):
         ):
             return module.forward(*args, **kwargs)
     out = nn.Module.__call__(self, *args, **kwargs)
-    arm(self)
+    if module is None:  # disarmed: the wrapper's own state changed, so look again
+        arm(self)
     return out
 
 
-class _Watched:
-    """A data descriptor for one attribute of a wrapper that ``nn.Module.__call__`` reads: any access
-    through the attribute disarms the wrapper's direct call (the value itself stays in ``__dict__``,
-    where pickling, ``deepcopy`` and ``nn.Module.__setstate__`` find it as usual)."""
+class WatchedHooks(OrderedDict):
+    """A wrapper's hook dict: adding an entry disarms the direct call of every wrapper that holds it.
 
-    def __init__(self, name: str, disarm_on_read: bool = True) -> None:
-        self.name = name
-        # A hook dict is mutated after it is read (``self._forward_hooks[id] = hook``), so reading it
-        # disarms; ``forward`` only changes by assignment.
-        self.disarm_on_read = disarm_on_read
+    ``nn.Module`` registers a hook by ``self._forward_hooks[handle.id] = hook`` (``update`` and
+    ``setdefault`` go through ``__setitem__`` too), so whoever adds a hook, through whichever
+    reference to the dict, disarms the wrappers. Pickled and copied as a plain ``OrderedDict`` of the
+    same entries, without its holders: the wrapper that unpickles it watches it again (`watch`).
+    """
 
-    def __get__(self, wrapper, owner=None):
-        if wrapper is None:
-            return self
-        state = wrapper.__dict__
-        if self.disarm_on_read:
-            state[DIRECT] = None
-        try:
-            return state[self.name]
-        except KeyError:
-            if self.name == COMPILED_CALL:
-                return None  # nn.Module's class default
-            raise AttributeError(f"'{type(wrapper).__name__}' object has no attribute '{self.name}'") from None
+    def __init__(self, *args, **kwargs) -> None:
+        self._holders: weakref.WeakSet = weakref.WeakSet()
+        super().__init__(*args, **kwargs)
 
-    def __set__(self, wrapper, value) -> None:
-        state = wrapper.__dict__
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        for holder in list(self._holders):
+            holder.__dict__[DIRECT] = None
+
+    def __reduce__(self):
+        return (WatchedHooks, (), None, None, iter(self.items()))
+
+
+def watch(wrapper: nn.Module) -> None:
+    """Make ``wrapper``'s hook dicts `WatchedHooks` held by it (after ``__init__``, unpickling or a copy).
+
+    A hook dict that is already a `WatchedHooks` (shared with the wrapper this one was copied from)
+    is kept, and ``wrapper`` is added to its holders; a plain one is replaced by a `WatchedHooks`
+    of the same entries.
+
+    Args:
+        wrapper: A `watch_call_state` class's instance.
+
+    Example:
+        >>> watch(wrapper)
+    """
+    state = wrapper.__dict__
+    for name in MODULE_HOOKS:
+        hooks = state.get(name)
+        if not isinstance(hooks, WatchedHooks):
+            hooks = state[name] = WatchedHooks(hooks or ())
+        hooks._holders.add(wrapper)
+
+
+def watched_setattr(wrapper: nn.Module, name: str, value) -> None:
+    """``nn.Module.__setattr__``, disarming the direct call when ``name`` is what it watches.
+
+    Assigning ``forward`` (accelerate's hooks do) or the compiled call (``compile()``) disarms until
+    `arm` finds them back as they were. A hook dict assigned in place of the watched one is watched if
+    it is a `WatchedHooks`; any other dict could be filled through a reference lntune cannot see, so
+    the wrapper then never calls directly again.
+
+    Args:
+        wrapper: A `watch_call_state` class's instance.
+        name: The attribute assigned.
+        value: Its new value.
+    """
+    state = wrapper.__dict__
+    if name in MODULE_HOOKS or name in (COMPILED_CALL, "forward"):
         state[DIRECT] = None
-        state[self.name] = value
+    nn.Module.__setattr__(wrapper, name, value)
+    if name in MODULE_HOOKS:
+        if isinstance(value, WatchedHooks):
+            value._holders.add(wrapper)
+        else:
+            state[UNWATCHED] = True
+
+
+def _forward_is_own(wrapper: nn.Module) -> bool:
+    """Whether ``wrapper.forward`` is its class's own method (not replaced, or put back as accelerate does)."""
+    forward = wrapper.__dict__.get("forward")
+    if forward is None:
+        return "forward" not in wrapper._modules
+    return getattr(forward, "__self__", None) is wrapper and getattr(forward, "__func__", None) is type(wrapper).forward
 
 
 def watch_call_state(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: make ``cls``'s hook dicts, compiled call and ``forward`` observed (see `_Watched`).
+    """Class decorator: the wrapper class's ``__setattr__`` becomes `watched_setattr`.
+
+    The class must call `watch` at the end of ``__init__`` and in ``__setstate__``, and `select` when
+    what its forward runs changes; its ``__call__`` is `direct_call`.
 
     Args:
-        cls: A wrapper class whose ``__call__`` runs ``self._direct.forward`` when armed.
+        cls: A wrapper class (an ``nn.Module`` whose ``forward`` runs ``self._selected_forward``).
 
     Returns:
-        ``cls``, with the descriptors set.
+        ``cls``.
 
     Example:
         >>> @watch_call_state
         ... class Wrapper(nn.Module): ...
     """
-    for name in (*MODULE_HOOKS, COMPILED_CALL):
-        setattr(cls, name, _Watched(name))
-    cls.forward = _Watched("forward", disarm_on_read=False)
+    cls.__setattr__ = watched_setattr
     return cls
 
 
 def select(wrapper: nn.Module, run) -> None:
     """Make ``run`` what ``wrapper``'s forward runs, and arm the direct call where nothing would observe it.
-
-    ``wrapper.forward`` becomes ``run`` (``run.__call__`` for a module: a bound method, which assigning
-    back to ``forward``, as accelerate's hooks do, does not register as a submodule).
 
     Args:
         wrapper: A `watch_call_state` class's instance.
@@ -189,19 +240,17 @@ def select(wrapper: nn.Module, run) -> None:
     Example:
         >>> select(wrapper, wrapper.base_layer)
     """
-    forward = run.__call__ if isinstance(run, nn.Module) else run
-    state = wrapper.__dict__
-    state["forward"] = forward
-    state[SELECTED] = (run, forward)
+    wrapper.__dict__[SELECTED] = run
     arm(wrapper)
 
 
 def arm(wrapper: nn.Module) -> None:
-    """Arm ``wrapper``'s direct call if nothing observes it any more (after a call through ``nn.Module.__call__``).
+    """Arm ``wrapper``'s direct call if nothing observes it any more, else disarm it.
 
     Armed (``wrapper._direct`` is the selected module) when what `select` chose is a module with
-    ``nn.Module``'s own ``__call__`` and hook dicts, the wrapper has no hook and no compiled call, and its ``forward``
-    was not replaced since. Reads the wrapper's state from ``__dict__``, so arming does not disarm.
+    ``nn.Module``'s own ``__call__`` and hook dicts, the wrapper's hook dicts are watched and empty, it
+    has no compiled call, and its ``forward`` is its class's own. Writes only when that changes (a
+    write inside ``torch.compile``'s trace is a side effect it must replay).
 
     Args:
         wrapper: A `watch_call_state` class's instance that `select` has run on.
@@ -210,14 +259,17 @@ def arm(wrapper: nn.Module) -> None:
         >>> arm(wrapper)
     """
     state = wrapper.__dict__
-    run, forward = state[SELECTED]
+    run = state[SELECTED]
     direct = (
         DIRECT_CALLS
         and isinstance(run, nn.Module)
         and type(run).__call__ is nn.Module.__call__
         and all(name in run.__dict__ for name in MODULE_HOOKS)
-        and state.get("forward") is forward
+        and not state.get(UNWATCHED)
         and state.get(COMPILED_CALL) is None
-        and not any(state.get(name) for name in MODULE_HOOKS)
+        and not any(state[name] for name in MODULE_HOOKS)
+        and _forward_is_own(wrapper)
     )
-    state[DIRECT] = run if direct else None
+    armed = run if direct else None
+    if DIRECT not in state or state[DIRECT] is not armed:
+        state[DIRECT] = armed

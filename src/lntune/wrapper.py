@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lntune.fast_call import direct_call, select, watch_call_state
+from lntune.fast_call import direct_call, select, watch, watch_call_state
 from lntune.mixed_batch import BatchAdapters, first_tensor
 from lntune.precision import LOW_PRECISION, float_dtype, runner, upcast_parameters
 
@@ -56,6 +56,7 @@ class AdapterWrapper(nn.Module):
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
+        watch(self)
         setattr(self, self._base_slot, module)
         setattr(self, self.adapter_layer_names[0], nn.ModuleDict())
         self._active_adapter: list[str] = [adapter_name]
@@ -249,9 +250,11 @@ class AdapterWrapper(nn.Module):
         else:
             module = self._active_module()
             fn = self._raise_multiple_active if module is None else self.runner_for(module)
-        # `forward` becomes a plain attribute, not a submodule (state_dict and named_modules are unchanged):
-        # what nn.Module.__call__ runs, and what `__call__` runs directly when nothing observes the call.
         select(self, fn)
+
+    def forward(self, *args, **kwargs):
+        """Run what the adapter state selected: the active copy, the original, a mixed batch's forward..."""
+        return self._selected_forward(*args, **kwargs)
 
     # The selected module's forward, called directly when nothing would observe the difference (hooks,
     # compile, tracing): see lntune.fast_call, the one module that knows what nn.Module.__call__ checks.
@@ -341,7 +344,10 @@ class AdapterWrapper(nn.Module):
         return out
 
     def __setstate__(self, state):
+        if "_selected_forward" not in state:  # pickled by an lntune that kept a snapshot of it as `forward`
+            state.pop("forward", None)
         super().__setstate__(state)
+        watch(self)
         self._refresh()
 
 
