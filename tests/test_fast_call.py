@@ -261,3 +261,19 @@ def test_copies_and_pickles_keep_the_hooks():
 def test_traced_calls_take_torchs_path():
     traced = torch.jit.trace(_layer(), torch.randn(2, 4))
     assert torch.allclose(traced(torch.ones(2, 4)), _layer()(torch.ones(2, 4)))
+
+
+def test_a_data_parallel_replica_runs_its_own_copy():
+    """``torch.nn.parallel.replicate`` copies a module's ``__dict__``, then swaps its children for their
+    replicas (simulated here on one device): the replica must run its own copy, not the original's."""
+    layer = _layer()
+    replica = layer._replicate_for_data_parallel()
+    replica._modules["base_layer"] = copy.deepcopy(layer.base_layer)
+    copies = layer.ln_tuning_layers._replicate_for_data_parallel()
+    copies._modules["default"] = copy.deepcopy(layer.ln_tuning_layers["default"])
+    replica._modules["ln_tuning_layers"] = copies
+    with torch.no_grad():
+        copies["default"].weight.fill_(5.0)
+    x = torch.randn(2, 4)
+    assert torch.equal(replica(x), copies["default"](x))
+    assert _call(replica, x)[0] is True and torch.equal(layer(x), layer.ln_tuning_layers["default"](x))

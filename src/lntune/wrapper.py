@@ -254,7 +254,20 @@ class AdapterWrapper(nn.Module):
 
     def forward(self, *args, **kwargs):
         """Run what the adapter state selected: the active copy, the original, a mixed batch's forward..."""
-        return self._selected_forward(*args, **kwargs)
+        run = self._selected_forward
+        if run is None:  # a DataParallel replica's first call (see _replicate_for_data_parallel)
+            self._select_forward()
+            run = self._selected_forward
+        return run(*args, **kwargs)
+
+    def _replicate_for_data_parallel(self):
+        # torch's replicate() swaps the replica's children for their replicas after this returns: the
+        # replica selects what it runs at its first call, from its own children, not the original's.
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__["_runners"] = {}
+        watch(replica)
+        select(replica, None)
+        return replica
 
     # The selected module's forward, called directly when nothing would observe the difference (hooks,
     # compile, tracing): see lntune.fast_call, the one module that knows what nn.Module.__call__ checks.
