@@ -9,7 +9,7 @@ is present, and calls the chosen module's ``forward`` itself: one Python call in
 What a call checks is split in two, so that a wrapped call reads little more than the bare module's:
 
 * **The wrapper's own state** (its hook dicts, its compiled call, its ``forward``) is not read per
-  call but watched (`watch_call_state`): the wrapper's hook dicts are `WatchedHooks`, which disarm
+  call but watched (`watch`, `watched_setattr`): the wrapper's hook dicts are `WatchedHooks`, which disarm
   the direct call of every wrapper holding them when an entry is added (as ``register_forward_hook``
   and the other ``register_*`` methods do), and assigning the compiled call, ``forward`` or a hook
   dict disarms it too. `arm` re-arms it after checking them again: after the wrapper's next call
@@ -58,6 +58,9 @@ DIRECT = "_direct"
 #: The wrapper attribute holding what `select` chose: the module, or any callable, its forward runs.
 SELECTED = "_selected_forward"
 
+#: The wrapper attribute saying whether that choice could ever be called directly (a plain module).
+ARMABLE = "_armable"
+
 #: The wrapper attribute set when a hook dict that is not a `WatchedHooks` was assigned: never armed again.
 UNWATCHED = "_hooks_unwatched"
 
@@ -87,7 +90,7 @@ _tracing = torch._C._get_tracing_state if DIRECT_CALLS else None
 
 
 def direct_call(self: nn.Module, *args, **kwargs):
-    """``__call__`` of a `watch_call_state` wrapper: the selected module's ``forward``, called directly.
+    """``__call__`` of an lntune wrapper: the selected module's ``forward``, called directly.
 
     One Python call instead of ``nn.Module.__call__`` twice (the wrapper's, then the module's), when
     nothing would observe the difference: the wrapper is armed (``_direct`` is set: it has no hook and
@@ -130,7 +133,7 @@ def direct_call(self: nn.Module, *args, **kwargs):
         ):
             return module.forward(*args, **kwargs)
     out = nn.Module.__call__(self, *args, **kwargs)
-    if module is None:  # disarmed: the wrapper's own state changed, so look again
+    if module is None and self._armable:  # disarmed by the wrapper's own state: look again
         arm(self)
     return out
 
@@ -165,7 +168,8 @@ def watch(wrapper: nn.Module) -> None:
     of the same entries.
 
     Args:
-        wrapper: A `watch_call_state` class's instance.
+        wrapper: A wrapper class's instance (``__setattr__ = watched_setattr``), right after
+            ``nn.Module.__init__``, or unpickled.
 
     Example:
         >>> watch(wrapper)
@@ -186,8 +190,10 @@ def watched_setattr(wrapper: nn.Module, name: str, value) -> None:
     it is a `WatchedHooks`; any other dict could be filled through a reference lntune cannot see, so
     the wrapper then never calls directly again.
 
+    A wrapper class sets ``__setattr__ = watched_setattr``.
+
     Args:
-        wrapper: A `watch_call_state` class's instance.
+        wrapper: The wrapper.
         name: The attribute assigned.
         value: Its new value.
     """
@@ -206,41 +212,28 @@ def _forward_is_own(wrapper: nn.Module) -> bool:
     """Whether ``wrapper.forward`` is its class's own method (not replaced, or put back as accelerate does)."""
     forward = wrapper.__dict__.get("forward")
     if forward is None:
-        return "forward" not in wrapper._modules
+        return True
     return getattr(forward, "__self__", None) is wrapper and getattr(forward, "__func__", None) is type(wrapper).forward
-
-
-def watch_call_state(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: the wrapper class's ``__setattr__`` becomes `watched_setattr`.
-
-    The class must call `watch` at the end of ``__init__`` and in ``__setstate__``, and `select` when
-    what its forward runs changes; its ``__call__`` is `direct_call`.
-
-    Args:
-        cls: A wrapper class (an ``nn.Module`` whose ``forward`` runs ``self._selected_forward``).
-
-    Returns:
-        ``cls``.
-
-    Example:
-        >>> @watch_call_state
-        ... class Wrapper(nn.Module): ...
-    """
-    cls.__setattr__ = watched_setattr
-    return cls
 
 
 def select(wrapper: nn.Module, run) -> None:
     """Make ``run`` what ``wrapper``'s forward runs, and arm the direct call where nothing would observe it.
 
     Args:
-        wrapper: A `watch_call_state` class's instance.
+        wrapper: A wrapper class's instance (``__call__ = direct_call``, ``__setattr__ = watched_setattr``).
         run: A module, or any callable (a mixed-batch or casting forward).
 
     Example:
         >>> select(wrapper, wrapper.base_layer)
     """
-    wrapper.__dict__[SELECTED] = run
+    state = wrapper.__dict__
+    state[SELECTED] = run
+    state[ARMABLE] = (
+        DIRECT_CALLS
+        and isinstance(run, nn.Module)
+        and type(run).__call__ is nn.Module.__call__
+        and all(name in run.__dict__ for name in MODULE_HOOKS)
+    )
     arm(wrapper)
 
 
@@ -253,23 +246,19 @@ def arm(wrapper: nn.Module) -> None:
     write inside ``torch.compile``'s trace is a side effect it must replay).
 
     Args:
-        wrapper: A `watch_call_state` class's instance that `select` has run on.
+        wrapper: A wrapper class's instance that `select` has run on.
 
     Example:
         >>> arm(wrapper)
     """
     state = wrapper.__dict__
-    run = state[SELECTED]
     direct = (
-        DIRECT_CALLS
-        and isinstance(run, nn.Module)
-        and type(run).__call__ is nn.Module.__call__
-        and all(name in run.__dict__ for name in MODULE_HOOKS)
+        state[ARMABLE]
         and not state.get(UNWATCHED)
         and state.get(COMPILED_CALL) is None
         and not any(state[name] for name in MODULE_HOOKS)
         and _forward_is_own(wrapper)
     )
-    armed = run if direct else None
+    armed = state[SELECTED] if direct else None
     if DIRECT not in state or state[DIRECT] is not armed:
         state[DIRECT] = armed

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lntune.fast_call import direct_call, select, watch, watch_call_state
+from lntune.fast_call import direct_call, select, watch, watched_setattr
 from lntune.mixed_batch import BatchAdapters, first_tensor
 from lntune.precision import LOW_PRECISION, float_dtype, runner, upcast_parameters
 
@@ -35,7 +35,6 @@ def as_names(names: str | Sequence[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-@watch_call_state
 class AdapterWrapper(nn.Module):
     """Base class of the two wrappers: a module's original plus one copy per adapter.
 
@@ -270,8 +269,10 @@ class AdapterWrapper(nn.Module):
         return replica
 
     # The selected module's forward, called directly when nothing would observe the difference (hooks,
-    # compile, tracing): see lntune.fast_call, the one module that knows what nn.Module.__call__ checks.
+    # compile, tracing), and assignments that could change that watched: see lntune.fast_call, the one
+    # module that knows what nn.Module.__call__ checks.
     __call__ = direct_call
+    __setattr__ = watched_setattr
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
